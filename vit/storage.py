@@ -14,6 +14,7 @@ from __future__ import annotations
 
 import errno
 import hashlib
+import io
 import os
 import random
 import shutil
@@ -209,11 +210,21 @@ def _atomic_local_write(path: Path, write: Callable[[BinaryIO], None]) -> None:
         raise
 
 
+def _transfer_config():
+    """Multipart above 64 MiB: S3 shows the object only once the upload is completed, never a partial one."""
+    from boto3.s3.transfer import TransferConfig
+
+    return TransferConfig(multipart_threshold=MULTIPART_THRESHOLD, multipart_chunksize=MULTIPART_THRESHOLD)
+
+
 def write_bytes(uri: str, data: bytes) -> None:
     """Write an object atomically."""
     if is_s3(uri):
         bucket, key = split_s3(uri)
-        with_retries(lambda: s3_client().put_object(Bucket=bucket, Key=key, Body=data), uri, "upload")
+        config = _transfer_config()
+        with_retries(
+            lambda: s3_client().upload_fileobj(io.BytesIO(data), bucket, key, Config=config), uri, "upload"
+        )
     else:
         _atomic_local_write(local_path(uri), lambda f: f.write(data))
 
@@ -243,10 +254,8 @@ def upload(local: str | os.PathLike, uri: str) -> None:
     """Copy a local file to ``uri`` atomically (S3: multipart above 64 MiB, completed or not at all)."""
     src = Path(local)
     if is_s3(uri):
-        from boto3.s3.transfer import TransferConfig
-
         bucket, key = split_s3(uri)
-        config = TransferConfig(multipart_threshold=MULTIPART_THRESHOLD, multipart_chunksize=MULTIPART_THRESHOLD)
+        config = _transfer_config()
         with_retries(lambda: s3_client().upload_file(str(src), bucket, key, Config=config), uri, "upload")
     else:
         dst = local_path(uri)
