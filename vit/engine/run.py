@@ -1,0 +1,156 @@
+"""One training run from a :class:`TrainConfig`: data, model, trainer, evaluation and the final weights."""
+
+from __future__ import annotations
+
+import math
+import random
+from collections.abc import Sequence
+from dataclasses import dataclass, field
+from typing import Any
+
+import numpy as np
+import torch
+from torch import nn
+
+from vit import storage
+from vit.checkpoints import load_pretrained, save_checkpoint
+from vit.engine.callbacks import Callback
+from vit.engine.config import TrainConfig
+from vit.engine.distributed import DistInfo, init_distributed
+from vit.engine.evaluation import evaluate_classifier
+from vit.engine.losses import classification_loss
+from vit.engine.mpp import MaskedPatchPrediction, mpp_loss
+from vit.engine.trainer import Trainer
+from vit.model import VisionTransformer, create_model, flops_per_image
+
+
+@dataclass
+class TrainOutcome:
+    step: int
+    resumed_from: int | None
+    model_uri: str | None
+    eval: dict[str, float] = field(default_factory=dict)
+    history: list[dict[str, float]] = field(default_factory=list)
+    model: VisionTransformer | None = None
+
+
+def seed_everything(seed: int) -> None:
+    random.seed(seed)
+    np.random.seed(seed % 2**32)
+    torch.manual_seed(seed)
+
+
+def build_model(cfg: TrainConfig, num_classes: int) -> VisionTransformer:
+    """A fresh model, or one loaded from ``model.init`` with a new zero head at the training resolution."""
+    m = cfg.model
+    overrides: dict[str, Any] = {"gelu_approximate": m.gelu_approximate}
+    if m.dropout is not None:
+        overrides["dropout"] = m.dropout
+    if m.init:
+        model = load_pretrained(m.init, **overrides)
+        if m.reset_head:
+            model.reset_classifier(num_classes, head_bias_init=cfg.model.head_bias_init or 0.0)
+        model.set_image_size(m.image_size)
+        return model
+    return create_model(
+        m.name,
+        num_classes=num_classes,
+        image_size=m.image_size,
+        representation_size=m.representation_size,
+        head_bias_init=cfg.head_bias,
+        pooling=m.pooling,
+        **overrides,
+    )
+
+
+def total_steps(cfg: TrainConfig, train_count: int) -> int:
+    if cfg.steps is not None:
+        return cfg.steps
+    return max(1, math.ceil(cfg.epochs * train_count / cfg.batch_size))
+
+
+def train(cfg: TrainConfig, callbacks: Sequence[Callback] = (), dist: DistInfo | None = None) -> TrainOutcome:
+    """Train as configured (resuming from ``checkpoint.dir`` when it holds a checkpoint) and save the final weights
+    (Polyak-averaged if enabled) to ``<checkpoint.dir>/model.safetensors``.
+    """
+    from vit.data import build_transform, open_dataset
+
+    dist = dist or init_distributed(cfg.device)
+    cfg.validate(dist.world_size)
+    seed_everything(cfg.seed)
+    if cfg.deterministic:
+        torch.use_deterministic_algorithms(True)
+    ds = open_dataset(cfg.data.dataset)
+    if cfg.data.train_split not in ds.splits:
+        raise ValueError(f"data.train_split {cfg.data.train_split!r} is not in {ds.uri} (splits: {ds.splits})")
+    if cfg.data.eval_split and cfg.data.eval_split not in ds.splits:
+        raise ValueError(f"data.eval_split {cfg.data.eval_split!r} is not in {ds.uri} (splits: {ds.splits})")
+    num_classes = cfg.model.num_classes or ds.num_classes
+    model = build_model(cfg, num_classes)
+    steps = total_steps(cfg, ds.count(cfg.data.train_split))
+    micro = cfg.batch_size // (dist.world_size * cfg.accum_steps)
+    size = cfg.model.image_size
+    loader = ds.loader(
+        cfg.data.train_split,
+        micro,
+        build_transform(cfg.data.train_transform, size),
+        shuffle=True,
+        seed=cfg.seed,
+        repeat=True,
+        num_workers=cfg.data.num_workers,
+        rank=dist.rank,
+        world_size=dist.world_size,
+    )
+    module: nn.Module
+    if cfg.objective == "mpp":
+        module, loss_fn = MaskedPatchPrediction(model), mpp_loss
+    else:
+        module = model
+        loss_fn = _classification_loss(cfg)
+
+    evaluate_fn = None
+    if cfg.data.eval_split and cfg.objective == "classification":
+        eval_transform = build_transform(cfg.data.eval_transform, size)
+
+        def evaluate_fn(m: nn.Module) -> dict[str, float]:
+            batches = ds.loader(
+                cfg.data.eval_split,
+                micro,
+                eval_transform,
+                shuffle=False,
+                repeat=False,
+                num_workers=cfg.data.num_workers,
+                rank=dist.rank,
+                world_size=dist.world_size,
+            )
+            metrics = evaluate_classifier(m, batches, num_classes, micro, dist.device, cfg.precision)
+            return {f"val/{k}": v for k, v in metrics.items()}
+
+    trainer = Trainer(
+        module,
+        cfg,
+        loader,
+        steps,
+        dist,
+        loss_fn,
+        evaluate_fn,
+        callbacks,
+        flops_per_image=flops_per_image(model.cfg),
+        metadata={"dataset": ds.uri, "fingerprint": ds.fingerprint},
+    )
+    result = trainer.fit()
+    model_uri = None
+    with trainer.averaged_weights():
+        if cfg.checkpoint.dir and dist.is_main:
+            model_uri = storage.join(cfg.checkpoint.dir, "model.safetensors")
+            save_checkpoint(model_uri, model, {"step": result.step, "dataset": ds.uri, "train_config": cfg.to_dict()})
+        final = VisionTransformer(model.cfg)
+        final.load_state_dict(model.state_dict())
+    return TrainOutcome(result.step, result.resumed_from, model_uri, result.eval, result.history, final.eval())
+
+
+def _classification_loss(cfg: TrainConfig):
+    def loss(module: nn.Module, images: torch.Tensor, labels: torch.Tensor) -> torch.Tensor:
+        return classification_loss(cfg.loss, module(images), labels, cfg.label_smoothing)
+
+    return loss

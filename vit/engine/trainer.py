@@ -1,0 +1,340 @@
+"""The training loop: gradient accumulation, autocast, DDP, clipping, the official schedule, Polyak averaging,
+checkpoint/resume that reproduces an uninterrupted run exactly, a NaN guard and preemption on SIGTERM.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import math
+import random
+import signal
+import threading
+import time
+from collections.abc import Callable, Iterable, Iterator, Sequence
+from dataclasses import dataclass, field
+from typing import Any
+
+import numpy as np
+import torch
+from torch import nn
+
+from vit.engine.callbacks import Callback
+from vit.engine.checkpointing import CheckpointManager, optimizer_from_tensors, optimizer_to_tensors
+from vit.engine.config import TrainConfig
+from vit.engine.distributed import DistInfo, all_reduce_mean, barrier
+from vit.engine.optim import build_optimizer, lr_at
+
+LossFn = Callable[[nn.Module, torch.Tensor, torch.Tensor], torch.Tensor]
+EvalFn = Callable[[nn.Module], dict[str, float]]
+
+
+class NonFiniteLossError(RuntimeError):
+    """The loss became NaN or infinite; the run stops and the last good checkpoint stays as it was."""
+
+
+class Preempted(RuntimeError):
+    """SIGTERM arrived; a checkpoint was written and the run can be resumed."""
+
+
+@dataclass
+class TrainResult:
+    step: int
+    resumed_from: int | None
+    history: list[dict[str, float]] = field(default_factory=list)
+    eval: dict[str, float] = field(default_factory=dict)
+
+
+# Dense bf16 peaks per device, for MFU on GPUs (vendor datasheets).
+_GPU_PEAK_BF16 = {"H100": 989.4e12, "H200": 989.4e12, "A100": 312e12, "L4": 121e12, "A10": 125e12}
+
+
+def measure_gemm_flops(n: int = 1024, repeats: int = 8, dtype: torch.dtype = torch.float32) -> float:
+    """This machine's sustained matmul throughput (FLOP/s) on the current device: the CPU's MFU denominator."""
+    a, b = torch.randn(n, n, dtype=dtype), torch.randn(n, n, dtype=dtype)
+    a @ b  # warm-up
+    start = time.perf_counter()
+    for _ in range(repeats):
+        a @ b
+    return 2 * n**3 * repeats / (time.perf_counter() - start)
+
+
+def peak_flops(device: torch.device, precision: str) -> float | None:
+    if device.type == "cuda":
+        name = torch.cuda.get_device_name(device)
+        peak = next((v for k, v in _GPU_PEAK_BF16.items() if k in name), None)
+        return None if peak is None else (peak if precision != "fp32" else peak / 2)
+    return measure_gemm_flops(dtype=torch.bfloat16 if precision == "bf16" else torch.float32)
+
+
+def rng_state() -> tuple[dict[str, torch.Tensor], dict[str, Any]]:
+    tensors = {"torch": torch.get_rng_state()}
+    if torch.cuda.is_available():
+        for i, s in enumerate(torch.cuda.get_rng_state_all()):
+            tensors[f"cuda{i}"] = s
+    np_state = np.random.get_state()
+    meta = {"python": random.getstate(), "numpy": [np_state[0], np_state[1].tolist(), *np_state[2:]]}
+    return tensors, meta
+
+
+def set_rng_state(tensors: dict[str, torch.Tensor], meta: dict[str, Any]) -> None:
+    torch.set_rng_state(tensors["torch"])
+    cuda = [tensors[k] for k in sorted(k for k in tensors if k.startswith("cuda"))]
+    if cuda and torch.cuda.is_available():
+        torch.cuda.set_rng_state_all(cuda)
+    version, *rest = meta["python"]
+    random.setstate((version, tuple(rest[0]), rest[1]))
+    name, keys, pos, has_gauss, gauss = meta["numpy"]
+    np.random.set_state((name, np.array(keys, dtype=np.uint32), pos, has_gauss, gauss))
+
+
+class Trainer:
+    """Runs ``total_steps`` optimiser steps of ``loss_fn`` over ``data`` (an iterable of (images, labels) batches,
+    optionally with ``state_dict``/``load_state_dict`` for exact resume). Each item is one micro-batch;
+    ``cfg.accum_steps`` of them make a step.
+    """
+
+    def __init__(
+        self,
+        model: nn.Module,
+        cfg: TrainConfig,
+        data: Iterable,
+        total_steps: int,
+        dist: DistInfo,
+        loss_fn: LossFn,
+        evaluate_fn: EvalFn | None = None,
+        callbacks: Sequence[Callback] = (),
+        flops_per_image: float | None = None,
+        metadata: dict[str, Any] | None = None,
+    ):
+        self.cfg = cfg
+        self.raw = model.to(dist.device)
+        self.data = data
+        self.total_steps = total_steps
+        self.dist = dist
+        self.loss_fn = loss_fn
+        self.evaluate_fn = evaluate_fn
+        self.callbacks = list(callbacks) if dist.is_main else []
+        self.flops_per_image = flops_per_image
+        self.metadata = metadata or {}
+        self.optimizer = build_optimizer(self.raw, cfg.optim)
+        self.scaler = torch.amp.GradScaler(dist.device.type, enabled=cfg.precision == "fp16")
+        self.polyak: list[torch.Tensor] | None = (
+            [p.detach().clone() for p in self.raw.parameters()] if cfg.polyak else None
+        )
+        self.checkpoints = CheckpointManager(cfg.checkpoint.dir, cfg.checkpoint.keep) if cfg.checkpoint.dir else None
+        self.step = 0
+        self._stop_requested = False
+        self.module = self._wrap(self.raw)
+
+    # -- setup --------------------------------------------------------------------------------------------------
+
+    def _wrap(self, model: nn.Module) -> nn.Module:
+        if self.cfg.grad_checkpointing and hasattr(model, "set_grad_checkpointing"):
+            model.set_grad_checkpointing(True)
+        if self.dist.world_size > 1:
+            from torch.nn.parallel import DistributedDataParallel
+
+            ids = [self.dist.device.index] if self.dist.device.type == "cuda" else None
+            model = DistributedDataParallel(model, device_ids=ids)
+        if self.cfg.compile:
+            model = torch.compile(model)
+        return model
+
+    def _emit(self, event: str, data: dict[str, Any]) -> None:
+        for cb in self.callbacks:
+            cb(event, self.step, data)
+
+    def _autocast(self):
+        if self.cfg.precision == "fp32":
+            return contextlib.nullcontext()
+        dtype = torch.bfloat16 if self.cfg.precision == "bf16" else torch.float16
+        return torch.autocast(self.dist.device.type, dtype=dtype)
+
+    # -- checkpoints --------------------------------------------------------------------------------------------
+
+    def save_checkpoint(self) -> str | None:
+        if self.checkpoints is None:
+            return None
+        uri = None
+        if self.dist.is_main:
+            opt_tensors, opt_meta = optimizer_to_tensors(self.optimizer)
+            rng_tensors, rng_meta = rng_state()
+            extra = {f"rng.{k}": v for k, v in rng_tensors.items()}
+            if self.polyak is not None:
+                extra.update({f"polyak.{i}": p for i, p in enumerate(self.polyak)})
+            state = {
+                "step": self.step,
+                "optimizer": opt_meta,
+                "rng": rng_meta,
+                "scaler": self.scaler.state_dict(),
+                "data": self.data.state_dict() if hasattr(self.data, "state_dict") else None,
+                "metadata": self.metadata,
+            }
+            uri = self.checkpoints.save(
+                self.step, {"model": self.raw.state_dict(), "optimizer": opt_tensors, "extra": extra}, state
+            )
+            self._emit("checkpoint", {"uri": uri})
+        barrier()
+        return uri
+
+    def _restore(self) -> int | None:
+        if self.checkpoints is None or not self.cfg.checkpoint.resume:
+            return None
+        ckpt = self.checkpoints.load_latest(on_skip=lambda msg: self._emit("warning", {"message": msg}))
+        if ckpt is None:
+            return None
+        self.raw.load_state_dict(ckpt.tensors["model"])
+        optimizer_from_tensors(self.optimizer, ckpt.tensors["optimizer"], ckpt.state["optimizer"])
+        extra = ckpt.tensors.get("extra", {})
+        if self.polyak is not None:
+            for i, p in enumerate(self.polyak):
+                p.copy_(extra[f"polyak.{i}"])
+        set_rng_state({k[4:]: v for k, v in extra.items() if k.startswith("rng.")}, ckpt.state["rng"])
+        self.scaler.load_state_dict(ckpt.state["scaler"])
+        if ckpt.state.get("data") is not None and hasattr(self.data, "load_state_dict"):
+            self.data.load_state_dict(ckpt.state["data"])
+        self.step = ckpt.step
+        return ckpt.step
+
+    # -- Polyak averaging ---------------------------------------------------------------------------------------
+
+    @torch.no_grad()
+    def _update_polyak(self) -> None:
+        params = [p.detach() for p in self.raw.parameters()]
+        torch._foreach_lerp_(self.polyak, params, 1.0 - self.cfg.polyak)
+
+    @contextlib.contextmanager
+    def averaged_weights(self) -> Iterator[nn.Module]:
+        """The model with Polyak-averaged weights swapped in (the raw weights otherwise)."""
+        if self.polyak is None:
+            yield self.raw
+            return
+        params = list(self.raw.parameters())
+        backup = [p.detach().clone() for p in params]
+        with torch.no_grad():
+            for p, avg in zip(params, self.polyak, strict=True):
+                p.copy_(avg)
+        try:
+            yield self.raw
+        finally:
+            with torch.no_grad():
+                for p, b in zip(params, backup, strict=True):
+                    p.copy_(b)
+
+    # -- the loop -----------------------------------------------------------------------------------------------
+
+    def _install_sigterm(self):
+        if threading.current_thread() is not threading.main_thread():
+            return None
+
+        def request_stop(signum, frame):
+            self._stop_requested = True
+
+        return signal.signal(signal.SIGTERM, request_stop)
+
+    def _micro_batches(self) -> Iterator[tuple[torch.Tensor, torch.Tensor]]:
+        for batch in self.data:
+            images, labels = batch[0], batch[1]
+            yield (images.to(self.dist.device, non_blocking=True), labels.to(self.dist.device, non_blocking=True))
+
+    def fit(self) -> TrainResult:
+        resumed = self._restore()
+        result = TrainResult(step=self.step, resumed_from=resumed)
+        self._emit("start", {"total_steps": self.total_steps, "resumed_from": resumed})
+        previous_handler = self._install_sigterm()
+        peak = self.cfg.peak_flops
+        if peak is None and self.flops_per_image:
+            peak = peak_flops(self.dist.device, self.cfg.precision)
+        batches = self._micro_batches()
+        last_ckpt_time = time.monotonic()
+        window_loss, window_images, window_start = 0.0, 0, time.perf_counter()
+        self.module.train()
+        try:
+            while self.step < self.total_steps:
+                self.step += 1
+                loss_value, grad_norm, images = self._train_step(batches)
+                window_loss += loss_value
+                window_images += images
+                done = self.step == self.total_steps
+                if self.step % self.cfg.log_every == 0 or done:
+                    elapsed = time.perf_counter() - window_start
+                    n = self.cfg.log_every if not done else (self.step - 1) % self.cfg.log_every + 1
+                    ips = window_images * self.dist.world_size / max(elapsed, 1e-9)
+                    metrics = {
+                        "train/loss": window_loss / n,
+                        "train/lr": self.optimizer.param_groups[0]["lr"],
+                        "train/grad_norm": grad_norm,
+                        "train/images_per_s": ips,
+                    }
+                    if peak and self.flops_per_image:
+                        metrics["train/mfu"] = ips * self.flops_per_image / (peak * self.dist.world_size)
+                    result.history.append({"step": self.step, **metrics})
+                    self._emit("metrics", metrics)
+                    window_loss, window_images, window_start = 0.0, 0, time.perf_counter()
+                if self.evaluate_fn and self.cfg.eval_every and self.step % self.cfg.eval_every == 0 and not done:
+                    self._run_eval(result)
+                    window_start = time.perf_counter()
+                if self._checkpoint_due(last_ckpt_time) or done or self._stop_requested:
+                    self.save_checkpoint()
+                    last_ckpt_time = time.monotonic()
+                    window_start = time.perf_counter()
+                if self._stop_requested:
+                    raise Preempted(f"stopped by SIGTERM at step {self.step}; checkpoint saved, resume to continue")
+        finally:
+            if previous_handler is not None:
+                signal.signal(signal.SIGTERM, previous_handler)
+        if self.evaluate_fn:
+            self._run_eval(result)
+        result.step = self.step
+        self._emit("end", {"step": self.step, **result.eval})
+        return result
+
+    def _checkpoint_due(self, last_time: float) -> bool:
+        c = self.cfg.checkpoint
+        if self.checkpoints is None:
+            return False
+        if c.every_steps and self.step % c.every_steps == 0:
+            return True
+        due = bool(c.every_minutes) and time.monotonic() - last_time >= c.every_minutes * 60
+        if self.dist.world_size > 1:  # every rank must agree, or the barrier in save_checkpoint deadlocks
+            due = bool(all_reduce_mean(torch.tensor(float(due), device=self.dist.device)).item() > 0)
+        return due
+
+    def _run_eval(self, result: TrainResult) -> None:
+        self.module.eval()
+        with self.averaged_weights() as model:
+            metrics = self.evaluate_fn(model)
+        self.module.train()
+        result.eval = metrics
+        self._emit("eval", metrics)
+
+    def _train_step(self, batches: Iterator) -> tuple[float, float, int]:
+        cfg = self.cfg
+        for group in self.optimizer.param_groups:
+            group["lr"] = lr_at(
+                self.step, cfg.optim.lr, self.total_steps, cfg.optim.warmup_steps, cfg.optim.decay, cfg.optim.linear_end
+            )
+        self.optimizer.zero_grad(set_to_none=True)
+        total_loss = torch.zeros((), device=self.dist.device)
+        images = 0
+        for micro in range(cfg.accum_steps):
+            x, y = next(batches)
+            images += x.shape[0]
+            sync = micro == cfg.accum_steps - 1 or not hasattr(self.module, "no_sync")
+            with contextlib.nullcontext() if sync else self.module.no_sync(), self._autocast():
+                loss = self.loss_fn(self.module, x, y) / cfg.accum_steps
+            self.scaler.scale(loss).backward()
+            total_loss += loss.detach()
+        loss_value = float(all_reduce_mean(total_loss).item())
+        if not math.isfinite(loss_value):
+            last = self.checkpoints.latest_step() if self.checkpoints else None
+            where = f"; the last good checkpoint (step {last}) is untouched" if last else ""
+            raise NonFiniteLossError(f"non-finite loss {loss_value} at step {self.step}{where}")
+        self.scaler.unscale_(self.optimizer)
+        max_norm = cfg.optim.grad_clip if cfg.optim.grad_clip else float("inf")
+        grad_norm = float(torch.nn.utils.clip_grad_norm_(self.raw.parameters(), max_norm))
+        self.scaler.step(self.optimizer)
+        self.scaler.update()
+        if self.polyak is not None:
+            self._update_polyak()
+        return loss_value, grad_norm, images
