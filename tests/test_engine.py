@@ -222,7 +222,7 @@ def test_sigterm_checkpoints_and_stops(tmp_path):
         if event == "metrics" and step == 3:
             os.kill(os.getpid(), signal.SIGTERM)
 
-    with pytest.raises(Preempted, match="step 3"):
+    with pytest.raises(Preempted, match="at step 3"):
         run(config(checkpoint=ckpt), steps=20, callbacks=[term_at_3])
     assert CheckpointManager(ckpt.dir).latest_step() == 3
 

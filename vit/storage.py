@@ -222,9 +222,7 @@ def write_bytes(uri: str, data: bytes) -> None:
     if is_s3(uri):
         bucket, key = split_s3(uri)
         config = _transfer_config()
-        with_retries(
-            lambda: s3_client().upload_fileobj(io.BytesIO(data), bucket, key, Config=config), uri, "upload"
-        )
+        with_retries(lambda: s3_client().upload_fileobj(io.BytesIO(data), bucket, key, Config=config), uri, "upload")
     else:
         _atomic_local_write(local_path(uri), lambda f: f.write(data))
 
@@ -442,3 +440,103 @@ def fetch(uri: str | os.PathLike) -> Path:
 
     _atomic_local_write(target, write)
     return target
+
+
+# --------------------------------------------------------------------------------------------------------------
+# Ranged, resumable and moving operations (dataset shards)
+
+
+def read_range(uri: str, offset: int, length: int) -> bytes:
+    """``length`` bytes of a file or object starting at ``offset`` (S3: one ranged GET, retried)."""
+    if length <= 0:
+        return b""
+    if is_s3(uri):
+        bucket, key = split_s3(uri)
+        byte_range = f"bytes={offset}-{offset + length - 1}"
+        return with_retries(
+            lambda: s3_client().get_object(Bucket=bucket, Key=key, Range=byte_range)["Body"].read(), uri, "download"
+        )
+    try:
+        with open(local_path(uri), "rb") as f:
+            f.seek(offset)
+            return f.read(length)
+    except FileNotFoundError:
+        raise StorageError(f"{uri}: file does not exist") from None
+
+
+class _S3ObjectStream:
+    """A forward-only read of an S3 object from an offset. After a transient fault mid-stream (a dropped
+    connection half-way through a shard) it reopens at the byte where it stopped, so a long read survives."""
+
+    def __init__(self, uri: str, offset: int) -> None:
+        self.uri = uri
+        self.bucket, self.key = split_s3(uri)
+        self.pos = offset
+        self._body = None
+
+    def read(self, n: int = -1) -> bytes:
+        def attempt() -> bytes:
+            if self._body is None:
+                response = s3_client().get_object(Bucket=self.bucket, Key=self.key, Range=f"bytes={self.pos}-")
+                self._body = response["Body"]
+            try:
+                return self._body.read(None if n < 0 else n)
+            except Exception:
+                self._body = None  # the retry reopens at self.pos
+                raise
+
+        data = with_retries(attempt, self.uri, "download")
+        self.pos += len(data)
+        return data
+
+    def close(self) -> None:
+        if self._body is not None:
+            self._body.close()
+            self._body = None
+
+    def __enter__(self) -> _S3ObjectStream:
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        self.close()
+
+
+def open_stream_at(uri: str, offset: int = 0) -> BinaryIO:
+    """A readable binary stream positioned at ``offset``. S3 objects are streamed (not downloaded first) and the
+    stream resumes by itself after transient faults; local files are seekable."""
+    if is_s3(uri):
+        return _S3ObjectStream(uri, offset)  # type: ignore[return-value]
+    try:
+        f = open(local_path(uri), "rb")  # noqa: SIM115 - returned to the caller, who closes it
+    except FileNotFoundError:
+        raise StorageError(f"{uri}: file does not exist") from None
+    f.seek(offset)
+    return f
+
+
+def publish_file(local: str | os.PathLike, uri: str) -> None:
+    """Move a finished local file to ``uri`` atomically: a rename when both are on one filesystem, else a copy
+    (S3: an upload, multipart when large); the local file is gone afterwards."""
+    src = Path(local)
+    if not is_s3(uri):
+        dst = local_path(uri)
+        dst.parent.mkdir(parents=True, exist_ok=True)
+        try:
+            os.replace(src, dst)
+            return
+        except OSError as exc:
+            if exc.errno != errno.EXDEV:
+                raise StorageError(f"cannot move {src} to {dst}: {exc}") from exc
+    upload(src, uri)
+    src.unlink(missing_ok=True)
+
+
+def _forget_clients() -> None:
+    """A boto3 client (and its connection pool) must not cross a fork, e.g. into DataLoader workers: each child
+    process builds its own."""
+    global _clients_lock
+    _clients.clear()
+    _clients_lock = threading.Lock()
+
+
+os.register_at_fork(after_in_child=_forget_clients)

@@ -45,7 +45,7 @@ _BY_NAME = {alias: t for t in TASKS for alias in (t.name, *t.folder_aliases)}
 
 
 def task(name: str) -> VtabTask:
-    """Look a task up by canonical or alternative folder name ("cifar" / "cifar100", "oxford_iiit_pet" / "oxford_pet")."""
+    """A task by canonical or alternative folder name ("cifar" / "cifar100", "oxford_iiit_pet" / "oxford_pet")."""
     try:
         return _BY_NAME[name]
     except KeyError:

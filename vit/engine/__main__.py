@@ -1,7 +1,7 @@
 """``python -m vit.engine CONFIG [--set key=value ...] [--metrics FILE]`` — one training run; works under torchrun.
 
 Exit codes: 0 finished, 2 invalid configuration, 3 non-finite loss (last good checkpoint kept),
-143 preempted by SIGTERM (checkpoint written; run the same command again to resume).
+143 stopped by SIGTERM or Ctrl-C (checkpoint written; run the same command again to resume).
 """
 
 from __future__ import annotations

@@ -1,5 +1,5 @@
 """The training loop: gradient accumulation, autocast, DDP, clipping, the official schedule, Polyak averaging,
-checkpoint/resume that reproduces an uninterrupted run exactly, a NaN guard and preemption on SIGTERM.
+checkpoint/resume that reproduces an uninterrupted run exactly, a NaN guard, and a clean stop on SIGTERM/SIGINT.
 """
 
 from __future__ import annotations
@@ -33,7 +33,7 @@ class NonFiniteLossError(RuntimeError):
 
 
 class Preempted(RuntimeError):
-    """SIGTERM arrived; a checkpoint was written and the run can be resumed."""
+    """SIGTERM or SIGINT arrived; a checkpoint was written and the run can be resumed."""
 
 
 @dataclass
@@ -223,14 +223,15 @@ class Trainer:
 
     # -- the loop -----------------------------------------------------------------------------------------------
 
-    def _install_sigterm(self):
+    def _install_stop_handlers(self) -> dict[int, Any]:
+        """SIGTERM (preemption, a supervisor stopping us) and SIGINT (Ctrl-C) finish the step, checkpoint, stop."""
         if threading.current_thread() is not threading.main_thread():
-            return None
+            return {}
 
         def request_stop(signum, frame):
             self._stop_requested = True
 
-        return signal.signal(signal.SIGTERM, request_stop)
+        return {sig: signal.signal(sig, request_stop) for sig in (signal.SIGTERM, signal.SIGINT)}
 
     def _micro_batches(self) -> Iterator[tuple[torch.Tensor, torch.Tensor]]:
         for batch in self.data:
@@ -241,7 +242,7 @@ class Trainer:
         resumed = self._restore()
         result = TrainResult(step=self.step, resumed_from=resumed)
         self._emit("start", {"total_steps": self.total_steps, "resumed_from": resumed})
-        previous_handler = self._install_sigterm()
+        previous_handlers = self._install_stop_handlers()
         peak = self.cfg.peak_flops
         if peak is None and self.flops_per_image:
             peak = peak_flops(self.dist.device, self.cfg.precision)
@@ -279,10 +280,10 @@ class Trainer:
                     last_ckpt_time = time.monotonic()
                     window_start = time.perf_counter()
                 if self._stop_requested:
-                    raise Preempted(f"stopped by SIGTERM at step {self.step}; checkpoint saved, resume to continue")
+                    raise Preempted(f"stopped by a signal at step {self.step}; checkpoint saved, run again to resume")
         finally:
-            if previous_handler is not None:
-                signal.signal(signal.SIGTERM, previous_handler)
+            for sig, handler in previous_handlers.items():
+                signal.signal(sig, handler)
         if self.evaluate_fn:
             self._run_eval(result)
         result.step = self.step

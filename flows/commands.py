@@ -1,0 +1,363 @@
+"""The pipeline's commands of the ``vitflow`` CLI: run, presets, pretrain, finetune, fewshot, transfer, report,
+compare, deploy. ``register(app)`` adds them to the root app in ``flows/cli.py``."""
+
+from __future__ import annotations
+
+import json
+import sys
+from pathlib import Path
+from typing import Annotated
+
+import typer
+
+EXIT_FAILED, EXIT_BAD_INPUT, EXIT_REGRESSION = 1, 2, 3
+
+SetOption = Annotated[
+    list[str] | None,
+    typer.Option(
+        "--set",
+        "-s",
+        metavar="PATH=VALUE",
+        help="Override a field of the spec, e.g. `--set pretrain.steps=100 --set compute.device=cuda` "
+        "(values are YAML: numbers, true/false, null, [lists]). Repeatable.",
+    ),
+]
+
+
+def _fail(message: str, code: int) -> typer.Exit:
+    typer.secho(f"error: {message}", err=True, fg=typer.colors.RED)
+    return typer.Exit(code)
+
+
+def _validation_message(error: Exception) -> str:
+    """Pydantic errors as one line per field (``pretrain.steps: Input should be greater than 0``)."""
+    from pydantic import ValidationError
+
+    if not isinstance(error, ValidationError):
+        return str(error)
+    lines = []
+    for e in error.errors():
+        where = ".".join(str(p) for p in e["loc"])
+        lines.append(f"  {where}: {e['msg']}" if where else f"  {e['msg']}")
+    return "invalid spec:\n" + "\n".join(lines)
+
+
+def _spec(preset: str, overrides: list[str] | None):
+    from flows.presets import build_spec
+
+    try:
+        spec = build_spec(preset, overrides or [])
+        spec.check_inputs()
+        return spec
+    except ValueError as e:  # pydantic.ValidationError is a ValueError
+        raise _fail(_validation_message(e), EXIT_BAD_INPUT) from None
+
+
+def _where_to_look(summary: dict, tracking_uri: str) -> None:
+    typer.echo("")
+    typer.echo(summary.get("table", ""))
+    typer.echo("")
+    typer.secho("Where to look", bold=True)
+    typer.echo(f"  report:   {summary['report_uri']}")
+    typer.echo(f"  results:  {summary['results_uri']}")
+    typer.echo(f"  MLflow:   run {summary['run_id']} in {tracking_uri}")
+    if tracking_uri.startswith("sqlite:///"):
+        typer.echo(f"            mlflow ui --backend-store-uri {tracking_uri}   (then open http://127.0.0.1:5000)")
+
+
+def run(
+    preset: Annotated[
+        str,
+        typer.Argument(
+            help="A preset: demo, paper-b16-i1k, paper-b16-i21k, paper-l16-i21k, "
+            "finetune-official, vtab-1k, fewshot-nightly (`vitflow presets`)."
+        ),
+    ],
+    overrides: SetOption = None,
+    dispatch: Annotated[str | None, typer.Option(help="local (in-process) or deployments (work pool)")] = None,
+    dry_run: Annotated[bool, typer.Option("--dry-run", help="Print the validated spec; run nothing.")] = False,
+) -> None:
+    """Run the whole benchmark protocol of a preset: prepare -> pre-train -> transfer -> aggregate.
+
+    Finished stages are found in the artifact store and reused, so re-running an unchanged spec does no work and
+    re-running after a crash continues where it stopped (training from its last checkpoint). Every stage is logged
+    to MLflow (`$MLFLOW_TRACKING_URI`, else `$VITFLOW_HOME/mlflow.db`) under the experiment named in the spec, and
+    the results table, report and plots are written under `<artifact root>/runs/<MLflow run id>/`.
+
+    Examples: `vitflow run demo`, `vitflow run demo --set pretrain.steps=100 --set transfer.finetune.steps=20`,
+    `vitflow run paper-b16-i21k --set compute.nproc_per_node=8`.
+    """
+    spec = _spec(preset, overrides)
+    if dispatch not in (None, "local", "deployments"):
+        raise _fail(f"--dispatch must be local or deployments, got {dispatch!r}", EXIT_BAD_INPUT)
+    if dry_run:
+        typer.echo(json.dumps(spec.model_dump(mode="json"), indent=2))
+        return
+    from flows.benchmark import benchmark
+
+    try:
+        summary = benchmark(preset=preset, spec=spec, dispatch=dispatch)
+    except Exception as e:  # noqa: BLE001 - the flow's own log has the details; say what failed and exit 1
+        raise _fail(f"benchmark {preset!r} failed: {e}", EXIT_FAILED) from None
+    _where_to_look(summary, spec.resolved_tracking_uri())
+
+
+def presets() -> None:
+    """List the presets with what each runs."""
+    from flows.presets import PRESETS
+
+    for name, build in PRESETS.items():
+        doc = " ".join((build.__doc__ or "").split())
+        typer.echo(f"{name:18} {doc}")
+
+
+def _engine_cli(config: Path, overrides: list[str] | None, nproc_per_node: int) -> None:
+    """Run ``python -m vit.engine`` (through torchrun for several processes) with a live progress bar."""
+    import subprocess
+
+    args = [str(config), *sum((["--set", o] for o in overrides or []), [])]
+    if nproc_per_node > 1:
+        cmd = [
+            sys.executable,
+            "-m",
+            "torch.distributed.run",
+            "--standalone",
+            f"--nproc_per_node={nproc_per_node}",
+            "-m",
+            "vit.engine",
+            *args,
+        ]
+    else:
+        cmd = [sys.executable, "-m", "vit.engine", *args]
+    raise typer.Exit(subprocess.call(cmd))
+
+
+def pretrain(
+    config: Annotated[Path, typer.Argument(exists=True, dir_okay=False, help="Training config, YAML or JSON.")],
+    overrides: SetOption = None,
+    nproc_per_node: Annotated[int, typer.Option(min=1, help="Processes (GPUs) on this node; >1 uses torchrun.")] = 1,
+) -> None:
+    """Pre-train (or train anything) from a typed config file with the engine directly, without Prefect.
+
+    The config holds the fields of `vit.engine.TrainConfig` (objective classification|mpp, loss sigmoid|softmax,
+    model, data, optim, checkpoint, batch_size, steps|epochs, precision, compile, ...). A run whose
+    `checkpoint.dir` holds a checkpoint resumes from it. Exit codes: 0 done, 2 invalid config, 3 non-finite loss,
+    143 preempted (SIGTERM; run again to resume).
+
+    Example config (YAML): `model: {name: vit_b_16, image_size: 224, representation_size: 768}`,
+    `data: {dataset: s3://bucket/datasets/imagenet21k/<fp>}`, `loss: sigmoid`,
+    `optim: {lr: 0.001, weight_decay: 0.03, warmup_steps: 10000}`, `batch_size: 4096`, `epochs: 90`,
+    `checkpoint: {dir: s3://bucket/ckpt/b16}`.
+    """
+    _engine_cli(config, overrides, nproc_per_node)
+
+
+def finetune(
+    init: Annotated[str, typer.Option(help="Checkpoint to fine-tune: .npz, .safetensors, .pth, s3:// or https://")],
+    dataset: Annotated[str, typer.Option(help="Prepared dataset URI (`vitflow data prepare` prints it).")],
+    protocol: Annotated[str, typer.Option(help="Table 4 row: imagenet, cifar10, cifar100, pets, flowers102, vtab")],
+    output: Annotated[str, typer.Option(help="Where checkpoints and the final model go (path or s3://).")],
+    sweep: Annotated[bool, typer.Option(help="Sweep the protocol's learning rates on the held-out split.")] = True,
+    overrides: SetOption = None,
+) -> None:
+    """Fine-tune a checkpoint on a prepared dataset with the paper's protocol, without Prefect.
+
+    SGD momentum 0.9, cosine schedule with warmup, clipping at 1, batch 512, 384 px, zero-initialised head;
+    Table 4's steps and learning rates. With `--sweep` each learning rate trains on the held-out protocol split
+    (minival, or VTAB's train800 -> val200), the best retrains on the full training split and the test split is
+    reported. `--set` overrides TrainConfig fields (e.g. `--set steps=100 --set batch_size=64` on a CPU).
+    """
+    from vit.engine.protocol import finetune_with_sweep
+    from vit.engine.recipes import TABLE4
+
+    if protocol not in TABLE4:
+        raise _fail(f"unknown protocol {protocol!r}; one of {', '.join(TABLE4)}", EXIT_BAD_INPUT)
+    try:
+        extra = _train_overrides(overrides)
+        result = finetune_with_sweep(TABLE4[protocol], init, dataset, output, sweep=sweep, **extra)
+    except (ValueError, OSError) as e:
+        raise _fail(str(e), EXIT_BAD_INPUT) from None
+    for lr, top1 in result.sweep.items():
+        typer.echo(f"lr {lr:g}: val top-1 {100 * top1:.2f}%")
+    typer.echo(
+        f"best lr {result.best_lr:g}: test top-1 {100 * result.test['top1']:.2f}% "
+        f"({int(result.test['count'])} images); model {result.model_uri}"
+    )
+
+
+def _train_overrides(overrides: list[str] | None) -> dict:
+    """``--set key=value`` for top-level TrainConfig fields (steps, batch_size, precision, device, ...)."""
+    import yaml
+
+    from vit.engine.config import TrainConfig
+
+    fields = set(TrainConfig.__dataclass_fields__)
+    out = {}
+    for item in overrides or []:
+        key, sep, value = item.partition("=")
+        if not sep or key not in fields:
+            raise ValueError(f"--set {item!r}: use a top-level training field ({', '.join(sorted(fields))})")
+        out[key] = yaml.safe_load(value)
+    return out
+
+
+def fewshot(
+    model: Annotated[str, typer.Option(help="Checkpoint: .npz, .safetensors, .pth, s3://, https:// or models:/")],
+    dataset: Annotated[str, typer.Option(help="Prepared dataset URI.")],
+    train_split: Annotated[str, typer.Option(help="Split the shots are drawn from.")] = "train",
+    test_split: Annotated[str, typer.Option(help="Split accuracy is measured on.")] = "test",
+    shots: Annotated[str, typer.Option(help="Comma-separated shots per class.")] = "1,5,10,25",
+    seeds: Annotated[str, typer.Option(help="Comma-separated sampling seeds.")] = "0,1,2",
+    l2: Annotated[float, typer.Option(help="Ridge regularisation (big_vision: 1024).")] = 1024.0,
+    image_size: Annotated[int | None, typer.Option(help="Resolution (default: the checkpoint's).")] = None,
+) -> None:
+    """Few-shot linear evaluation of a checkpoint on a prepared dataset.
+
+    As big_vision does it: closed-form ridge regression on frozen pre-logits features, k shots per class for
+    each seed; features are extracted once and reused for every shot and seed. Prints mean and std (%) per shot."""
+    from vit import load_pretrained
+    from vit.engine.protocol import fewshot_on_dataset
+
+    try:
+        source = model
+        if model.startswith("models:/"):
+            from tasks.models import resolve_model_ref
+            from tasks.settings import default_tracking_uri
+
+            source, _ = resolve_model_ref(model, default_tracking_uri())
+        net = load_pretrained(source, image_size=image_size)
+        frame = fewshot_on_dataset(
+            net,
+            dataset,
+            train_split,
+            test_split,
+            [int(s) for s in shots.split(",")],
+            [int(s) for s in seeds.split(",")],
+            l2,
+        )
+    except (ValueError, OSError) as e:
+        raise _fail(str(e), EXIT_BAD_INPUT) from None
+    table = frame.groupby("shots")["accuracy"].agg(["mean", "std"]).mul(100).round(2)
+    typer.echo(table.to_string())
+
+
+def transfer(
+    model: Annotated[str, typer.Argument(help="models:/<name>@<alias>, an artifact URI or an official .npz")],
+    suite: Annotated[str, typer.Option(help="The preset whose transfer suite runs.")] = "fewshot-nightly",
+    threshold: Annotated[float, typer.Option(help="Regression threshold in accuracy points.")] = 1.0,
+    overrides: SetOption = None,
+) -> None:
+    """Evaluate a model on a transfer suite and compare with its previous evaluation.
+
+    The suite is a preset's benchmarks (fine-tuning and/or few-shot). The comparison is with the previous finished
+    evaluation of the same model reference and suite; exit code 3 when a metric dropped by more than the threshold.
+    Runs the `transfer-eval` flow, like the nightly deployment does."""
+    from flows.transfer_eval import RegressionDetected, transfer_eval
+
+    try:
+        summary = transfer_eval(model=model, suite=suite, threshold=threshold, overrides=_dotted(overrides or []))
+    except RegressionDetected as e:
+        raise _fail(str(e), EXIT_REGRESSION) from None
+    except ValueError as e:
+        raise _fail(_validation_message(e), EXIT_BAD_INPUT) from None
+    except Exception as e:  # noqa: BLE001
+        raise _fail(f"transfer evaluation failed: {e}", EXIT_FAILED) from None
+    from tasks.settings import default_tracking_uri
+
+    _where_to_look(summary, default_tracking_uri())
+    if summary.get("comparison"):
+        typer.echo("\n" + summary["comparison"])
+
+
+def _dotted(overrides: list[str]) -> dict[str, object]:
+    import yaml
+
+    out = {}
+    for item in overrides:
+        key, sep, value = item.partition("=")
+        if not sep:
+            raise ValueError(f"--set {item!r} is not path=value")
+        out[key] = yaml.safe_load(value)
+    return out
+
+
+def report(
+    run_id: Annotated[str, typer.Argument(help="The MLflow run id of a benchmark or transfer-eval flow run.")],
+    output: Annotated[Path, typer.Option(help="Folder to write report.md, report.html and plots/ into.")] = Path(
+        "report"
+    ),
+) -> None:
+    """Rebuild the report of a past run from MLflow (its tags) and the artifact store (its results and plots)."""
+    from tasks.reports import rebuild_report
+    from tasks.settings import default_tracking_uri
+
+    try:
+        paths = rebuild_report(default_tracking_uri(), run_id, output)
+    except ValueError as e:
+        raise _fail(str(e), EXIT_BAD_INPUT) from None
+    typer.echo(f"report: {paths['html']}\nmarkdown: {paths['markdown']}")
+
+
+def compare(
+    run_ids: Annotated[list[str] | None, typer.Argument(help="Run ids, oldest first (or use the options).")] = None,
+    experiment: Annotated[str | None, typer.Option(help="Runs of this MLflow experiment.")] = None,
+    tag: Annotated[list[str] | None, typer.Option(help="Only runs with this tag (key=value); repeatable.")] = None,
+    last: Annotated[int | None, typer.Option(help="The newest N matching runs.")] = None,
+    nightly: Annotated[bool, typer.Option(help="The nightly transfer evaluations (with --last N).")] = False,
+    threshold: Annotated[float, typer.Option(help="Regression threshold in accuracy points.")] = 1.0,
+    baseline: Annotated[str | None, typer.Option(help="Compare every run with this run.")] = None,
+    fmt: Annotated[str, typer.Option("--format", help="markdown or csv")] = "markdown",
+) -> None:
+    """Metrics of several runs side by side, with deltas and marked regressions.
+
+    Examples: `vitflow compare RUN_A RUN_B`, `vitflow compare --experiment demo --last 3`,
+    `vitflow compare --nightly --last 7`. Exit code 3 when a regression is marked.
+    """
+    from tasks.compare import compare as compare_table
+    from tasks.compare import find_runs, regressed_metrics
+    from tasks.settings import default_tracking_uri
+    from vit.results import to_markdown
+
+    uri = default_tracking_uri()
+    try:
+        ids = list(run_ids or [])
+        if not ids:
+            tags = dict(t.split("=", 1) for t in tag or [])
+            if nightly:
+                experiment = experiment or "transfer-eval-fewshot-nightly"
+            ids = list(reversed(find_runs(uri, experiment, tags, last=last or 2)))
+        table = compare_table(uri, ids, threshold, baseline)
+    except ValueError as e:
+        raise _fail(str(e), EXIT_BAD_INPUT) from None
+    shown = table.assign(regressed=table["regressed"].map({True: "REGRESSED", False: ""}))
+    typer.echo(shown.to_csv() if fmt == "csv" else to_markdown(shown))
+    if regressed := regressed_metrics(table):
+        raise _fail(
+            f"{len(regressed)} metric(s) regressed by more than {threshold} points: {', '.join(regressed)}",
+            EXIT_REGRESSION,
+        )
+
+
+def deploy(
+    work_pool: Annotated[str | None, typer.Option(help="Deploy onto this work pool instead of serving here.")] = None,
+    limit: Annotated[int | None, typer.Option(help="Most flow runs served at once.")] = None,
+) -> None:
+    """Serve vitflow's deployments to the Prefect API, for the UI and schedules.
+
+    Serves against `PREFECT_API_URL`: benchmark (UI form: preset + overrides), transfer-eval-nightly (cron 02:00
+    UTC; `VITFLOW_NIGHTLY_MODEL`, `VITFLOW_NIGHTLY_CRON`), prepare-datasets, and the train-stage / fewshot-stage
+    jobs used by `dispatch=deployments`. Runs until interrupted. With `--work-pool`, registers them on that pool
+    for workers instead (see infra/prefect.yaml)."""
+    from flows.deployments import runner_deployments, serve
+
+    if work_pool:
+        from prefect.deployments import deploy as prefect_deploy
+
+        prefect_deploy(*runner_deployments(work_pool=work_pool), work_pool_name=work_pool, build=False, push=False)
+        return
+    serve(limit=limit, on_start=lambda names: typer.echo("serving: " + ", ".join(names)))
+
+
+def register(app: typer.Typer) -> None:
+    for command in (run, presets, pretrain, finetune, fewshot, transfer, report, compare, deploy):
+        app.command()(command)

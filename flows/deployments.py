@@ -1,0 +1,92 @@
+"""The deployments, declared once: ``vitflow deploy`` serves them, ``infra/prefect.yaml`` declares the same for work
+pools (a test proves the two agree)."""
+
+from __future__ import annotations
+
+import os
+from collections.abc import Callable
+from dataclasses import dataclass, field
+from typing import Any
+
+from prefect import Flow
+
+from flows.benchmark import benchmark, prepare_datasets
+from flows.jobs import fewshot_stage, train_stage
+from flows.transfer_eval import transfer_eval
+
+NIGHTLY_CRON = "0 2 * * *"
+NIGHTLY_TIMEZONE = "UTC"
+
+
+@dataclass(frozen=True)
+class DeploymentDef:
+    name: str
+    flow: Flow
+    entrypoint: str  # path:function, as prefect.yaml writes it
+    description: str
+    parameters: dict[str, Any] = field(default_factory=dict)
+    cron: str | None = None
+    tags: tuple[str, ...] = ("vitflow",)
+
+
+def definitions(nightly_model: str | None = None, nightly_cron: str | None = None) -> list[DeploymentDef]:
+    """Every deployment of vitflow. The nightly evaluation's model reference and schedule come from the arguments,
+    ``VITFLOW_NIGHTLY_MODEL`` / ``VITFLOW_NIGHTLY_CRON``, or the defaults (02:00 UTC, the demo's candidate)."""
+    model = nightly_model or os.environ.get("VITFLOW_NIGHTLY_MODEL", "models:/demo-vit_micro_4@candidate")
+    cron = nightly_cron or os.environ.get("VITFLOW_NIGHTLY_CRON", NIGHTLY_CRON)
+    return [
+        DeploymentDef(
+            "benchmark", benchmark, "flows/benchmark.py:benchmark",
+            "The whole protocol: prepare, pre-train, transfer, aggregate. Pick a preset, override fields.",
+            {"preset": "demo", "overrides": {}},
+        ),
+        DeploymentDef(
+            "transfer-eval-nightly", transfer_eval, "flows/transfer_eval.py:transfer_eval",
+            "Nightly transfer evaluation of a model reference; fails when a metric regresses beyond the threshold.",
+            {"model": model, "suite": "fewshot-nightly", "threshold": 1.0},
+            cron=cron, tags=("vitflow", "nightly"),
+        ),
+        DeploymentDef(
+            "prepare-datasets", prepare_datasets, "flows/benchmark.py:prepare_datasets",
+            "Prepare (validate, shard, fingerprint) the datasets of a preset into the artifact store.",
+            {"preset": "demo", "overrides": {}},
+        ),
+        DeploymentDef(
+            "train-stage", train_stage, "flows/jobs.py:train_stage",
+            "One training stage, dispatched by the benchmark flow with dispatch=deployments.",
+        ),
+        DeploymentDef(
+            "fewshot-stage", fewshot_stage, "flows/jobs.py:fewshot_stage",
+            "One few-shot evaluation, dispatched by the benchmark flow with dispatch=deployments.",
+        ),
+    ]  # fmt: skip
+
+
+def runner_deployments(defs: list[DeploymentDef] | None = None, work_pool: str | None = None) -> list:
+    """``RunnerDeployment``s for ``prefect.serve`` (no work pool) or ``deploy`` onto ``work_pool``."""
+    from prefect.schedules import Cron
+
+    out = []
+    for d in defs or definitions():
+        schedules = [Cron(d.cron, timezone=NIGHTLY_TIMEZONE)] if d.cron else None
+        out.append(
+            d.flow.to_deployment(
+                name=d.name,
+                description=d.description,
+                parameters=d.parameters or None,
+                schedules=schedules,
+                tags=list(d.tags),
+                work_pool_name=work_pool,
+            )
+        )
+    return out
+
+
+def serve(limit: int | None = None, on_start: Callable[[list[str]], None] | None = None) -> None:
+    """Serve every deployment from this process until interrupted (runs execute here as subprocesses)."""
+    from prefect import serve as prefect_serve
+
+    deployments = runner_deployments()
+    if on_start is not None:
+        on_start([f"{d.flow_name}/{d.name}" for d in deployments])
+    prefect_serve(*deployments, limit=limit)

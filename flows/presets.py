@@ -1,0 +1,240 @@
+"""Presets are code: each is a function returning a :class:`BenchmarkSpec` you can read in one screen.
+
+``demo`` runs offline on a laptop CPU in minutes; the ``paper-*`` presets are Table 3 / Table 4 recipes on the real
+datasets (point ``VITFLOW_DATA`` at a folder holding them in the layouts ``vitflow data prepare`` reads, or override
+each ``dataset.source``); ``finetune-official`` starts from an official checkpoint; ``vtab-1k`` and
+``fewshot-nightly`` are transfer suites for a model reference.
+"""
+
+from __future__ import annotations
+
+import os
+from collections.abc import Callable
+from pathlib import Path
+from typing import Any
+
+from flows.specs import (
+    BenchmarkItem,
+    BenchmarkSpec,
+    ComputeSpec,
+    DatasetSpec,
+    FewshotSpec,
+    FinetuneSpec,
+    ModelSpec,
+    PretrainSpec,
+    TransferSpec,
+    apply_overrides,
+)
+from vit.data.synthetic import VTAB_TASKS
+from vit.vtab import TASKS as VTAB_1K
+
+FASHION_MNIST_DIR = Path("/usr/share/datasets/fashion-mnist")
+
+
+def data_dir() -> Path:
+    return Path(os.environ.get("VITFLOW_DATA", "data"))
+
+
+def _file_dataset(name: str, fmt: str, sub: str) -> DatasetSpec:
+    return DatasetSpec(name=name, source=f"{fmt}:{data_dir() / sub}")
+
+
+def synthetic_suite(size: int = 32, test: int = 500) -> list[BenchmarkItem]:
+    return [
+        BenchmarkItem(
+            name=f"synth/{task}",
+            dataset=DatasetSpec(
+                name=f"synth-{task}", source=f"synthetic-vtab:{task}", options={"size": size, "test": test}
+            ),
+            protocol="vtab",
+        )
+        for task in VTAB_TASKS
+    ]
+
+
+def demo() -> BenchmarkSpec:
+    """Offline CPU demo: pre-train a micro ViT on the synthetic upstream set at 32 px, transfer to the synthetic
+    VTAB-like suite (+ Fashion-MNIST when its files are installed) at 48 px, few-shot, and the same fine-tunes from
+    random initialisation for comparison."""
+    benchmarks = synthetic_suite()
+    if (FASHION_MNIST_DIR / "train-images-idx3-ubyte.gz").exists():
+        benchmarks.append(
+            BenchmarkItem(
+                name="fashion-mnist",
+                dataset=DatasetSpec(
+                    name="fashion-mnist",
+                    source=f"fashion-mnist:{FASHION_MNIST_DIR}",
+                    options={"max_train": 4000, "max_test": 1000},
+                ),
+                protocol="cifar10",
+            )
+        )
+    return BenchmarkSpec(
+        experiment="demo",
+        model=ModelSpec(name="vit_micro_4"),
+        pretrain=PretrainSpec(
+            dataset=DatasetSpec(
+                name="synthetic-upstream",
+                source="synthetic-upstream:",
+                options={"classes": 100, "per_class": 100, "size": 32},
+            ),
+            image_size=32,
+            steps=600,
+            batch_size=128,
+            lr=1e-3,
+            weight_decay=0.03,
+            warmup_steps=60,
+            dropout=0.0,
+            checkpoint_every_minutes=1.0,
+        ),
+        transfer=TransferSpec(
+            benchmarks=benchmarks,
+            finetune=FinetuneSpec(image_size=48, batch_size=64, steps=150, lrs=[0.01], warmup_steps=15, sweep=False),
+            fewshot=FewshotSpec(shots=[1, 5, 10, 25], seeds=[0, 1, 2]),
+            from_scratch_baseline=True,
+        ),
+        compute=ComputeSpec(device="cpu", max_parallel=2, threads_per_job=1),
+    )
+
+
+def _paper_transfer(image_size: int = 384) -> TransferSpec:
+    return TransferSpec(
+        benchmarks=[
+            BenchmarkItem(
+                name="imagenet",
+                dataset=_file_dataset("imagenet", "imagenet", "imagenet"),
+                protocol="imagenet",
+                real=True,
+            ),
+            BenchmarkItem(
+                name="cifar10", dataset=_file_dataset("cifar10", "cifar10", "cifar-10-batches-py"), protocol="cifar10"
+            ),
+            BenchmarkItem(
+                name="cifar100", dataset=_file_dataset("cifar100", "cifar100", "cifar-100-python"), protocol="cifar100"
+            ),
+            BenchmarkItem(name="pets", dataset=_file_dataset("pets", "pets", "oxford-iiit-pet"), protocol="pets"),
+            BenchmarkItem(
+                name="flowers102",
+                dataset=_file_dataset("flowers102", "flowers102", "flowers-102"),
+                protocol="flowers102",
+            ),
+        ],
+        finetune=FinetuneSpec(image_size=image_size, seeds=[0, 1, 2]),
+        fewshot=FewshotSpec(),
+    )
+
+
+def _paper(experiment: str, model: str, dataset: DatasetSpec, **recipe: Any) -> BenchmarkSpec:
+    """Table 3 pre-training (batch 4096, Adam, 10k warmup, 224 px, sigmoid loss, tanh pre-logits) + Table 4."""
+    return BenchmarkSpec(
+        experiment=experiment,
+        model=ModelSpec(name=model),
+        pretrain=PretrainSpec(dataset=dataset, image_size=224, batch_size=4096, warmup_steps=10_000, **recipe),
+        transfer=_paper_transfer(),
+        compute=ComputeSpec(device="cuda", precision="bf16", num_workers=8),
+    )
+
+
+I21K = ("imagenet21k", "imagefolder", "imagenet21k")
+
+
+def paper_b16_i1k() -> BenchmarkSpec:
+    """ViT-B/16 on ImageNet-1k, Table 3's last row: 300 epochs, lr 3e-3 cosine, wd 0.3, dropout 0.1, clip 1."""
+    return _paper(
+        "paper-b16-i1k",
+        "vit_b_16",
+        _file_dataset("imagenet", "imagenet", "imagenet"),
+        epochs=300,
+        lr=3e-3,
+        decay="cosine",
+        weight_decay=0.3,
+        dropout=0.1,
+        grad_clip=1.0,
+        head_bias_init=-6.9,
+    )
+
+
+def paper_b16_i21k() -> BenchmarkSpec:
+    """ViT-B/16 on ImageNet-21k: 90 epochs, lr 1e-3 linear to 1e-5, wd 0.03, dropout 0.1, head bias -10."""
+    return _paper(
+        "paper-b16-i21k", "vit_b_16", _file_dataset(*I21K), epochs=90, lr=1e-3, weight_decay=0.03, dropout=0.1
+    )
+
+
+def paper_l16_i21k() -> BenchmarkSpec:
+    """ViT-L/16 on ImageNet-21k (Table 2's "Ours-I21k" column): 90 epochs, lr 1e-3, wd 0.03, dropout 0.1."""
+    return _paper(
+        "paper-l16-i21k", "vit_l_16", _file_dataset(*I21K), epochs=90, lr=1e-3, weight_decay=0.03, dropout=0.1
+    )
+
+
+OFFICIAL_B16_I21K = "https://storage.googleapis.com/vit_models/imagenet21k/ViT-B_16.npz"
+
+
+def finetune_official() -> BenchmarkSpec:
+    """Fine-tune an official checkpoint (default the original i21k ViT-B/16 .npz; ``VITFLOW_INIT`` or
+    ``--set init=...`` for another, e.g. an AugReg file) on the Table 2/5 benchmarks, no pre-training."""
+    return BenchmarkSpec(
+        experiment="finetune-official",
+        model=ModelSpec(name="vit_b_16"),
+        init=os.environ.get("VITFLOW_INIT", OFFICIAL_B16_I21K),
+        transfer=_paper_transfer(),
+        compute=ComputeSpec(device="cuda", precision="bf16", num_workers=8),
+    )
+
+
+def vtab_1k() -> BenchmarkSpec:
+    """VTAB-1k as the paper ran it (lr 0.01, 2500 steps, 384 px, train800val200 -> test) from a checkpoint."""
+    benchmarks = [
+        BenchmarkItem(
+            name=f"vtab/{t.name}",
+            dataset=_file_dataset(f"vtab-{t.name}", "vtab", f"vtab-1k/{t.name}"),
+            protocol="vtab",
+            fewshot=False,
+        )
+        for t in VTAB_1K
+    ]
+    return finetune_official().model_copy(
+        update={
+            "experiment": "vtab-1k",
+            "transfer": TransferSpec(
+                benchmarks=benchmarks, finetune=FinetuneSpec(image_size=384), fewshot=FewshotSpec(enabled=False)
+            ),
+        }
+    )
+
+
+def fewshot_nightly() -> BenchmarkSpec:
+    """Few-shot linear evaluation only (fast, for nightly checks): the synthetic suite at 32 px by default."""
+    return BenchmarkSpec(
+        experiment="fewshot-nightly",
+        model=ModelSpec(name="vit_micro_4"),
+        init=os.environ.get("VITFLOW_INIT", "models:/demo-vit_micro_4@candidate"),
+        transfer=TransferSpec(
+            benchmarks=[b.model_copy(update={"finetune": False}) for b in synthetic_suite()],
+            finetune=FinetuneSpec(image_size=32, batch_size=64),
+            fewshot=FewshotSpec(image_size=32),
+        ),
+        compute=ComputeSpec(device="cpu"),
+    )
+
+
+PRESETS: dict[str, Callable[[], BenchmarkSpec]] = {
+    "demo": demo,
+    "paper-b16-i1k": paper_b16_i1k,
+    "paper-b16-i21k": paper_b16_i21k,
+    "paper-l16-i21k": paper_l16_i21k,
+    "finetune-official": finetune_official,
+    "vtab-1k": vtab_1k,
+    "fewshot-nightly": fewshot_nightly,
+}
+
+
+def build_spec(preset: str, overrides: list[str] | dict[str, Any] | None = None) -> BenchmarkSpec:
+    """A preset with ``path.to.field=value`` overrides, validated as a whole (errors name the field)."""
+    if preset not in PRESETS:
+        raise ValueError(f"unknown preset {preset!r}; presets: {', '.join(PRESETS)}")
+    data = PRESETS[preset]().model_dump(mode="json")
+    if overrides:
+        apply_overrides(data, overrides)
+    return BenchmarkSpec.model_validate(data)

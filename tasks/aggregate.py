@@ -1,0 +1,278 @@
+"""Prefect task: every result of a flow run in one tidy table, the paper-shaped report, the analysis figures.
+
+Outputs go to ``<artifact root>/runs/<parent run id>/`` (results.parquet/csv, report.md/html, plots/), to the
+``aggregate`` MLflow run and the parent run, and to the Prefect UI (a table, the report, links).
+"""
+
+from __future__ import annotations
+
+import json
+import tempfile
+import uuid
+from pathlib import Path
+from typing import Any
+
+import pandas as pd
+from prefect import task
+from prefect.cache_policies import NONE
+
+from tasks.common import TrackingContext, finish_stage_run, local_workdir, run_logger, start_stage_run
+from vit import storage
+
+SCRATCH = "scratch"
+
+
+def result_records(run_id: str, model: str, pretrain: str, results: dict[str, Any]) -> list[dict[str, Any]]:
+    """Tidy rows (accuracies in percent) from the transfer flow's outputs; sweep runs are kept apart (per lr)."""
+    rows = []
+    for r in results["finals"]:
+        source = SCRATCH if r["model"] == SCRATCH else pretrain
+        base = {"run": run_id, "model": model, "pretrain": source, "split": "test", "metric": "top1", "seed": r["seed"]}
+        rows.append({**base, "benchmark": r["benchmark"], "value": 100 * r["metrics"]["test/top1"]})
+        if "test/real_top1" in r["metrics"]:
+            rows.append({**base, "benchmark": "imagenet_real", "value": 100 * r["metrics"]["test/real_top1"]})
+    for f in results["fewshot"]:
+        source = SCRATCH if f["model"] == SCRATCH else pretrain
+        for rec in f["records"]:
+            rows.append(
+                {
+                    "run": run_id,
+                    "model": model,
+                    "pretrain": source,
+                    "benchmark": f["benchmark"],
+                    "split": "test",
+                    "metric": "top1",
+                    "value": 100 * rec["accuracy"],
+                    "seed": int(rec["seed"]),
+                    "shots": int(rec["shots"]),
+                }
+            )
+    return rows
+
+
+def headline_metrics(df: pd.DataFrame, groups: dict[str, str | None]) -> dict[str, float]:
+    """Parent-run metrics: per benchmark and group, mean over seeds, for the pre-trained model (fraction in [0,1])."""
+    from vit.evaluate import vtab_summary
+    from vit.vtab import _BY_NAME
+
+    ours = df[(df["pretrain"] != SCRATCH)]
+    out: dict[str, float] = {}
+    finetune = ours[ours["shots"].isna()].groupby("benchmark")["value"].mean() / 100
+    for bench, value in finetune.items():
+        out[f"test/top1/{bench}"] = float(value)
+    vtab = {b.split("/", 1)[1]: v for b, v in finetune.items() if b.startswith("vtab/") and b[5:] in _BY_NAME}
+    if vtab:
+        summary = vtab_summary(vtab)
+        out.update({f"vtab/{task}": float(v) for task, v in vtab.items()})
+        out.update(
+            {
+                f"vtab/{g}": float(summary[g])
+                for g in ("natural", "specialized", "structured", "mean")
+                if summary.get(g) is not None
+            }
+        )
+    grouped: dict[str, list[float]] = {}
+    for bench, value in finetune.items():
+        if groups.get(bench):
+            grouped.setdefault(groups[bench], []).append(float(value))
+    for group, values in grouped.items():
+        out[f"suite/{group}"] = sum(values) / len(values)
+    few = ours[ours["shots"].notna()].groupby(["benchmark", "shots"])["value"].mean() / 100
+    for (bench, shots), value in few.items():
+        out[f"fewshot/{bench}/{int(shots)}shot"] = float(value)
+    return out
+
+
+def training_curves(stage_uris: dict[str, str]) -> pd.DataFrame:
+    """Tidy (stage, step, metric, value) rows from the stages' event logs."""
+    rows = []
+    for stage, uri in stage_uris.items():
+        events = local_workdir(uri) / "events.jsonl"
+        if not events.exists():
+            continue
+        for line in events.read_text().splitlines():
+            event = json.loads(line)
+            if event.get("event") in ("metrics", "eval"):
+                rows += [
+                    {"stage": stage, "step": event["step"], "metric": k, "value": v}
+                    for k, v in event.items()
+                    if k in ("train/loss", "train/lr", "val/top1")
+                ]
+    return pd.DataFrame(rows, columns=["stage", "step", "metric", "value"])
+
+
+def analysis_figures(
+    model_uri: str, dataset_uri: str, split: str, image_size: int, num_images: int
+) -> dict[str, bytes]:
+    """The paper's Fig. 6/7 pictures for a model: attention distance, rollout, position similarity, filters."""
+    import torch
+
+    from vit import analysis, load_pretrained
+    from vit.data import build_transform, open_dataset
+
+    model = load_pretrained(model_uri).eval()
+    if model.cfg.image_size != (image_size, image_size):
+        model.set_image_size(image_size)
+    ds = open_dataset(dataset_uri)
+    loader = ds.loader(split, max(num_images, 32), build_transform("eval", image_size), shuffle=False, repeat=False)
+    images = next(iter(loader))[0]
+    figures = {
+        "attention distance": analysis.plot_attention_distance(
+            analysis.model_attention_distance(model, images), image_size=image_size
+        ),
+        "position embedding similarity": analysis.plot_position_similarity(
+            analysis.position_embedding_similarity(model.pos_embed.detach(), model.grid_size, model.num_prefix_tokens)
+        ),
+        "embedding filters": analysis.plot_embedding_filters(
+            analysis.embedding_filter_pca(
+                model.patch_embed.proj.weight.detach(), k=min(28, model.patch_embed.proj.weight.shape[0])
+            )
+        ),
+    }
+    shown = images[:num_images]
+    with torch.no_grad():
+        maps = analysis.attention_rollout(model.attention_maps(shown), model.grid_size, model.num_prefix_tokens)
+    figures["attention rollout"] = analysis.plot_rollout_overlays(list(shown), maps)
+    return figures
+
+
+@task(name="aggregate", cache_policy=NONE)
+def aggregate_task(
+    spec: dict[str, Any],
+    tracking: dict[str, Any],
+    results: dict[str, Any],
+    pretrained: dict[str, Any] | None,
+    datasets: dict[str, dict[str, Any]],
+    model_uri: str | None,
+) -> dict[str, Any]:
+    """``spec`` is the resolved BenchmarkSpec as JSON (artifact root filled in); ``model_uri`` the model the
+    analysis figures are drawn for (the pre-trained one, or the checkpoint transfer started from)."""
+    from vit import analysis
+    from vit.report import write_report
+    from vit.results import RESULT_COLUMNS, results_frame, to_markdown, write_results
+
+    logger = run_logger()
+    ctx = TrackingContext(**tracking)
+    tracker, run = start_stage_run(ctx, "aggregate", "aggregate")
+    run_id = ctx.parent_run_id or uuid.uuid4().hex
+    root = spec["artifact_root"]
+    target = storage.join(root, "runs", run_id)
+    pretrain_name = spec["pretrain"]["dataset"]["name"] if spec["pretrain"] else "checkpoint"
+    try:
+        records = result_records(run_id, spec["model"]["name"], pretrain_name, results)
+        df = results_frame(pd.DataFrame(records, columns=list(RESULT_COLUMNS)))
+        benches = {b["name"]: b for b in spec["transfer"]["benchmarks"]}
+        groups = {name: datasets[b["dataset"]["name"]].get("vtab_group") for name, b in benches.items()}
+        headline = headline_metrics(df, groups)
+
+        plots: dict[str, bytes] = {}
+        stages = {
+            f"finetune:{r['benchmark']}" + ("" if r["model"] != SCRATCH else ":scratch"): r["stage_uri"]
+            for r in results["finals"]
+            if r["seed"] == spec["transfer"]["finetune"]["seeds"][0]
+        }
+        if pretrained is not None:
+            stages = {"pretrain": pretrained["stage_uri"], **stages}
+        curves = training_curves(stages)
+        if not curves.empty:
+            plots["training curves"] = analysis.plot_training_curves(curves)
+        if results["sweeps"]:
+            sweep = pd.DataFrame(
+                [
+                    {"benchmark": r["benchmark"], "lr": r["lr"], "accuracy": r["metrics"]["val/top1"]}
+                    for r in results["sweeps"]
+                    if r["model"] != SCRATCH
+                ]
+            )
+            plots["learning-rate sweep"] = analysis.plot_lr_sweep(sweep)
+        few = df[df["shots"].notna()]
+        if not few.empty:
+            few = few.assign(
+                dataset=few["benchmark"] + few["pretrain"].map(lambda p: " (scratch)" if p == SCRATCH else ""),
+                accuracy=few["value"] / 100,
+            )
+            plots["few-shot accuracy"] = analysis.plot_fewshot(few[["dataset", "shots", "seed", "accuracy"]])
+        first = spec["transfer"]["benchmarks"][0] if spec["transfer"]["benchmarks"] else None
+        if spec["analysis"]["enabled"] and first is not None:
+            size = spec["pretrain"]["image_size"] if spec["pretrain"] else spec["transfer"]["finetune"]["image_size"]
+            if model_uri:
+                split = "test" if "test" in datasets[first["dataset"]["name"]]["splits"] else "val"
+                plots.update(
+                    analysis_figures(
+                        model_uri,
+                        datasets[first["dataset"]["name"]]["uri"],
+                        split,
+                        size,
+                        spec["analysis"]["num_images"],
+                    )
+                )
+
+        meta = {
+            "MLflow run": run_id,
+            "experiment": spec["experiment"],
+            "model": spec["model"]["name"],
+            "pre-training data": pretrain_name,
+            "artifacts": target,
+        }
+        with tempfile.TemporaryDirectory() as tmp:
+            out = Path(tmp)
+            write_results(df, out)
+            write_report(out, df, plots, title=f"vitflow — {spec['experiment']}", meta=meta)
+            (out / "headline.json").write_text(json.dumps(headline, indent=2))
+            for path in sorted(p for p in out.rglob("*") if p.is_file()):
+                rel = path.relative_to(out).as_posix()
+                storage.upload(path, storage.join(target, rel))
+                folder = str(Path(rel).parent) if "/" in rel else None
+                tracker.log_artifact(run, path, folder)
+                parent_run = tracker.existing_run(ctx.parent_run_id, "parent") if ctx.parent_run_id else None
+                if parent_run is not None and path.name in (
+                    "results.parquet",
+                    "results.csv",
+                    "report.md",
+                    "report.html",
+                ):
+                    tracker.log_artifact(parent_run, path, None)
+            markdown = (out / "report.md").read_text()
+        tracker.log_metrics(run, headline)
+        _prefect_artifacts(df, markdown, target, ctx)
+        table = to_markdown(_summary_table(df), index=False)
+        logger.info("results of %s:\n%s", spec["experiment"], table)
+    except BaseException:
+        finish_stage_run(tracker, run, "FAILED")
+        raise
+    finish_stage_run(tracker, run)
+    return {
+        "results_uri": storage.join(target, "results.parquet"),
+        "report_uri": storage.join(target, "report.html"),
+        "headline": headline,
+        "table": table,
+        "run_id": run_id,
+    }
+
+
+def _summary_table(df: pd.DataFrame) -> pd.DataFrame:
+    """Benchmark x (pre-training, shots) mean accuracy: what the CLI prints at the end of a run."""
+    if df.empty:
+        return pd.DataFrame({"benchmark": []})
+    settings = [p + ("" if pd.isna(s) else f" {int(s)}-shot") for p, s in zip(df["pretrain"], df["shots"], strict=True)]
+    df = df.assign(setting=settings)
+    return df.pivot_table(index="benchmark", columns="setting", values="value", aggfunc="mean").reset_index()
+
+
+def _prefect_artifacts(df: pd.DataFrame, markdown: str, target: str, ctx: TrackingContext) -> None:
+    try:
+        from prefect.artifacts import create_link_artifact, create_markdown_artifact, create_table_artifact
+    except ImportError:
+        return
+    try:
+        summary = _summary_table(df).round(2).fillna("")
+        create_table_artifact(
+            summary.to_dict("records"), key="results-table", description="Top-1 accuracy (%) per benchmark"
+        )
+        create_markdown_artifact(markdown, key="report", description="vitflow report")
+        create_link_artifact(storage.join(target, "report.html"), key="report-html", link_text="report.html")
+        if ctx.tracking_uri.startswith("http") and ctx.parent_run_id:
+            url = f"{ctx.tracking_uri.rstrip('/')}/#/experiments/{ctx.experiment_id}/runs/{ctx.parent_run_id}"
+            create_link_artifact(url, key="mlflow-run", link_text="MLflow run")
+    except Exception as e:  # noqa: BLE001 - outside a Prefect run (e.g. a rebuilt report)
+        run_logger().debug("no Prefect artifacts: %s", e)

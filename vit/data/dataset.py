@@ -1,0 +1,201 @@
+"""A prepared dataset, opened from its URI: facts, manifest, streaming loaders, map-style access."""
+
+from __future__ import annotations
+
+import io
+import json
+from collections.abc import Callable, Sequence
+from concurrent.futures import ThreadPoolExecutor
+from functools import cached_property
+
+import numpy as np
+import pandas as pd
+import torch
+from torch.utils.data import Dataset
+
+from vit import storage
+from vit.data.base import DataError
+from vit.data.loader import ShardLoader, SplitIndex, StreamConfig
+from vit.data.shards import read_members, transform_encoded
+
+
+class MapDataset(Dataset):
+    """Random access to a small split (VTAB-1k, minival, few-shot subsets), held in memory as encoded bytes and
+    decoded on access. Returns ``(image, label)``; the image is ``transform(uint8 CHW)``, or the uint8 CHW tensor
+    itself when there is no transform."""
+
+    def __init__(
+        self, blobs: list[bytes], labels: np.ndarray, sizes: np.ndarray, transform: Callable | None = None
+    ) -> None:
+        self.blobs, self.labels, self.sizes, self.transform = blobs, labels, sizes, transform
+
+    def __len__(self) -> int:
+        return len(self.blobs)
+
+    def __getitem__(self, i: int) -> tuple[torch.Tensor, int]:
+        width, height = map(int, self.sizes[i])
+        return transform_encoded(self.transform, self.blobs[i], width, height), int(self.labels[i])
+
+
+class PreparedDataset:
+    """A complete prepared dataset (its info.json exists)."""
+
+    def __init__(self, uri: str, info: dict) -> None:
+        self.uri, self.info = uri.rstrip("/"), info
+        self.name: str = info["name"]
+        self.fingerprint: str = info["fingerprint"]
+        self.splits: list[str] = list(info["splits"])
+        self._manifests: dict[str | None, pd.DataFrame] = {}
+
+    def __repr__(self) -> str:
+        counts = ", ".join(f"{s}={self.count(s):,}" for s in self.splits)
+        return f"PreparedDataset({self.uri!r}, {self.num_classes} classes, {counts})"
+
+    @cached_property
+    def classes(self) -> list[str]:
+        return json.loads(storage.read_text(storage.join(self.uri, "classes.json")))
+
+    @property
+    def num_classes(self) -> int:
+        return int(self.info["num_classes"])
+
+    def _check_split(self, split: str) -> None:
+        if split not in self.splits:
+            raise DataError(f"dataset {self.name} has no split {split!r}; its splits: {', '.join(self.splits)}")
+
+    def count(self, split: str) -> int:
+        self._check_split(split)
+        return int(self.info["counts"][split])
+
+    def manifest(self, split: str | None = None) -> pd.DataFrame:
+        """Every row (``split=None``), or one split's rows: row ``i`` is ``Batch.index == i`` of that split."""
+        if None not in self._manifests:
+            data = storage.read_bytes(storage.join(self.uri, "manifest.parquet"))
+            self._manifests[None] = pd.read_parquet(io.BytesIO(data))
+        if split is None:
+            return self._manifests[None]
+        self._check_split(split)
+        if split not in self._manifests:
+            frame = self._manifests[None]
+            self._manifests[split] = frame[frame["split"] == split].reset_index(drop=True)
+        return self._manifests[split]
+
+    def split_index(self, split: str) -> SplitIndex:
+        frame = self.manifest(split)
+        codes, shards = pd.factorize(frame["shard"], sort=False)
+        if len(codes) and np.any(np.diff(codes) < 0):
+            raise DataError(f"{self.uri}: manifest rows of split {split!r} are not grouped by shard; prepare it again")
+        counts = np.bincount(codes, minlength=len(shards)) if len(codes) else np.zeros(0, np.int64)
+        return SplitIndex(
+            shard_uris=tuple(storage.join(self.uri, s) for s in shards),
+            starts=np.concatenate([[0], np.cumsum(counts)[:-1]]).astype(np.int64) if len(counts) else counts,
+            counts=counts.astype(np.int64),
+            offsets=frame["offset"].to_numpy(np.int64),
+            sizes=frame["size"].to_numpy(np.int64),
+            labels=frame["label"].to_numpy(np.int64),
+            widths=frame["width"].to_numpy(np.int64),
+            heights=frame["height"].to_numpy(np.int64),
+        )
+
+    def loader(
+        self,
+        split: str,
+        batch_size: int,
+        transform: Callable,
+        *,
+        shuffle: bool = True,
+        seed: int = 0,
+        repeat: bool = True,
+        num_workers: int = 0,
+        rank: int | None = None,
+        world_size: int | None = None,
+        drop_last: bool = False,
+        shuffle_buffer: int = 2000,
+        prefetch_factor: int = 2,
+        pin_memory: bool = False,
+        multiprocessing_context: str | None = None,
+    ) -> ShardLoader:
+        """A streaming loader of ``Batch``es; see `vit.data.loader`. ``rank``/``world_size`` default to
+        torch.distributed's when it is initialised, else 0/1. ``multiprocessing_context="spawn"`` is safe where
+        forking is not (threads or CUDA in the parent)."""
+        if batch_size < 1:
+            raise ValueError(f"batch_size must be >= 1, got {batch_size}")
+        if transform is None:
+            raise ValueError("a loader needs a transform, e.g. vit.data.build_transform('eval', 224)")
+        if rank is None or world_size is None:
+            initialised = torch.distributed.is_available() and torch.distributed.is_initialized()
+            rank = torch.distributed.get_rank() if initialised else 0
+            world_size = torch.distributed.get_world_size() if initialised else 1
+        if not 0 <= rank < world_size:
+            raise ValueError(f"rank {rank} is not in [0, world_size={world_size})")
+        config = StreamConfig(
+            index=self.split_index(split),
+            transform=transform,
+            batch_size=batch_size,
+            seed=seed,
+            shuffle=shuffle,
+            shuffle_buffer=shuffle_buffer,
+            repeat=repeat,
+            drop_last=drop_last,
+            rank=rank,
+            world_size=world_size,
+            workers=max(1, num_workers),
+        )
+        return ShardLoader(
+            self.fingerprint,
+            split,
+            config,
+            num_workers=num_workers,
+            prefetch_factor=prefetch_factor,
+            pin_memory=pin_memory,
+            multiprocessing_context=multiprocessing_context,
+        )
+
+    def map_dataset(
+        self, split: str, transform: Callable | None = None, *, indices: Sequence[int] | None = None
+    ) -> MapDataset:
+        """Map-style access to a split, or to the rows ``indices`` of it (a few-shot subset): only the bytes of
+        those samples are read (ranged reads where they are sparse in a remote shard)."""
+        index = self.split_index(split)
+        rows = np.arange(index.num_rows) if indices is None else np.asarray(indices, dtype=np.int64)
+        if len(rows) and (rows.min() < 0 or rows.max() >= index.num_rows):
+            raise IndexError(f"indices out of range for split {split!r} with {index.num_rows} rows")
+        shard_of = np.repeat(np.arange(len(index.counts)), index.counts)
+        blobs: dict[int, bytes] = {}
+
+        def load(shard: int) -> None:
+            wanted = np.unique(rows[shard_of[rows] == shard])
+            members = read_members(index.shard_uris[shard], index.offsets[wanted], index.sizes[wanted])
+            blobs.update(zip(wanted.tolist(), members, strict=True))
+
+        with ThreadPoolExecutor(8) as pool:
+            list(pool.map(load, np.unique(shard_of[rows]).tolist()))
+        sizes = np.stack([index.widths[rows], index.heights[rows]], axis=1)
+        return MapDataset([blobs[r] for r in rows.tolist()], index.labels[rows], sizes, transform)
+
+
+def open_dataset(uri: str) -> PreparedDataset:
+    """Open a prepared dataset by its URI (``.../datasets/<name>/<fingerprint>``), or the newest complete version
+    under ``.../datasets/<name>``. Refuses an incomplete dataset (no info.json) with a clear error."""
+    uri = str(uri).rstrip("/")
+    try:
+        storage.validate_uri(uri)
+        if storage.exists(storage.join(uri, "info.json")):
+            return PreparedDataset(uri, json.loads(storage.read_text(storage.join(uri, "info.json"))))
+        versions = []
+        for version in storage.list_dirs(uri):
+            info_uri = storage.join(uri, version, "info.json")
+            if storage.exists(info_uri):
+                info = json.loads(storage.read_text(info_uri))
+                versions.append((info.get("created", ""), storage.join(uri, version), info))
+        if versions:
+            _, newest, info = max(versions, key=lambda v: v[0])
+            return PreparedDataset(newest, info)
+        if storage.list_files(uri):
+            raise DataError(
+                f"{uri} is an incomplete dataset (no info.json): its preparation did not finish; run "
+                "`vitflow data prepare` again"
+            )
+    except storage.StorageError as exc:
+        raise DataError(f"cannot open dataset {uri}: {exc}") from None
+    raise DataError(f"no prepared dataset at {uri}: prepare one with `vitflow data prepare FORMAT:PATH --name NAME`")
