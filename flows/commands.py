@@ -158,6 +158,7 @@ def finetune(
     protocol: Annotated[str, typer.Option(help="Table 4 row: imagenet, cifar10, cifar100, pets, flowers102, vtab")],
     output: Annotated[str, typer.Option(help="Where checkpoints and the final model go (path or s3://).")],
     sweep: Annotated[bool, typer.Option(help="Sweep the protocol's learning rates on the held-out split.")] = True,
+    image_size: Annotated[int | None, typer.Option(help="Resolution (default: the protocol's, 384 px).")] = None,
     overrides: SetOption = None,
 ) -> None:
     """Fine-tune a checkpoint on a prepared dataset with the paper's protocol, without Prefect.
@@ -167,14 +168,17 @@ def finetune(
     (minival, or VTAB's train800 -> val200), the best retrains on the full training split and the test split is
     reported. `--set` overrides TrainConfig fields (e.g. `--set steps=100 --set batch_size=64` on a CPU).
     """
+    from dataclasses import replace
+
     from vit.engine.protocol import finetune_with_sweep
     from vit.engine.recipes import TABLE4
 
     if protocol not in TABLE4:
         raise _fail(f"unknown protocol {protocol!r}; one of {', '.join(TABLE4)}", EXIT_BAD_INPUT)
+    recipe = TABLE4[protocol] if image_size is None else replace(TABLE4[protocol], image_size=image_size)
     try:
         extra = _train_overrides(overrides)
-        result = finetune_with_sweep(TABLE4[protocol], init, dataset, output, sweep=sweep, **extra)
+        result = finetune_with_sweep(recipe, init, dataset, output, sweep=sweep, **extra)
     except (ValueError, OSError) as e:
         raise _fail(str(e), EXIT_BAD_INPUT) from None
     for lr, top1 in result.sweep.items():

@@ -21,6 +21,7 @@ def launch(spec: BenchmarkSpec) -> dict[str, Any]:
         "nnodes": c.nnodes,
         "rdzv_endpoint": c.rdzv_endpoint,
         "threads": c.threads_per_job,
+        "gpu_slots_limit": c.gpu_slots_limit,
     }
 
 

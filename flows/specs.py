@@ -170,6 +170,11 @@ class ComputeSpec(Spec):
     max_parallel: int = Field(1, ge=1, description="fine-tunes run at once (local dispatch)")
     threads_per_job: int | None = Field(None, ge=1)
     dispatch: Literal["local", "deployments"] = "local"
+    gpu_slots_limit: str | None = Field(
+        None,
+        description="a Prefect global concurrency limit with one slot per GPU (e.g. `prefect gcl create gpu "
+        "--limit 8`); each training stage holds nproc_per_node slots while it runs",
+    )
 
     @property
     def world_size(self) -> int:

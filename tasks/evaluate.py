@@ -44,6 +44,47 @@ def init_checkpoint_task(
     return path
 
 
+def _fewshot_key(
+    model_uri: str,
+    dataset: dict[str, Any],
+    train_split: str,
+    test_split: str,
+    shots: list[int],
+    seeds: list[int],
+    l2: float,
+    image_size: int,
+) -> dict[str, Any]:
+    return {
+        "model": model_uri,
+        "dataset": dataset["fingerprint"],
+        "train": train_split,
+        "test": test_split,
+        "shots": shots,
+        "seeds": seeds,
+        "l2": l2,
+        "image_size": image_size,
+    }
+
+
+def fewshot_stage_uri(
+    benchmark: str,
+    model_label: str,
+    model_uri: str,
+    dataset: dict[str, Any],
+    train_split: str,
+    test_split: str,
+    shots: list[int],
+    seeds: list[int],
+    l2: float,
+    image_size: int,
+    artifact_root: str,
+    **_: Any,
+) -> str:
+    """Where :func:`fewshot_task` writes its result for these arguments (the work-pool dispatcher reads it there)."""
+    key = _fewshot_key(model_uri, dataset, train_split, test_split, shots, seeds, l2, image_size)
+    return stage_uri(artifact_root, "fewshot", f"{benchmark}-{model_label}", key)
+
+
 @task(name="fewshot", task_run_name="fewshot:{benchmark}:{model_label}", cache_policy=NONE)
 def fewshot_task(
     benchmark: str,
@@ -62,16 +103,7 @@ def fewshot_task(
 ) -> dict[str, Any]:
     """Few-shot accuracy per (shots, seed); features are extracted once and reused for every shot and seed."""
     logger = run_logger()
-    key = {
-        "model": model_uri,
-        "dataset": dataset["fingerprint"],
-        "train": train_split,
-        "test": test_split,
-        "shots": shots,
-        "seeds": seeds,
-        "l2": l2,
-        "image_size": image_size,
-    }
+    key = _fewshot_key(model_uri, dataset, train_split, test_split, shots, seeds, l2, image_size)
     uri = stage_uri(artifact_root, "fewshot", f"{benchmark}-{model_label}", key)
     done = read_done(uri)
     name = f"fewshot:{benchmark}" + ("" if model_label == "pretrained" else f":{model_label}")

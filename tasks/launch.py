@@ -7,6 +7,7 @@ training crash therefore never takes the orchestrator down, and a re-launch resu
 
 from __future__ import annotations
 
+import contextlib
 import json
 import os
 import subprocess
@@ -36,6 +37,15 @@ class Launch:
     nnodes: int = 1
     rdzv_endpoint: str | None = None
     threads: int | None = None  # OMP threads per process
+    gpu_slots_limit: str | None = None  # Prefect global concurrency limit, one slot per GPU
+
+    def slots(self):
+        """Hold ``nproc_per_node`` slots of the GPU limit while training (no-op without a limit)."""
+        if not self.gpu_slots_limit:
+            return contextlib.nullcontext()
+        from prefect.concurrency.sync import concurrency
+
+        return concurrency(self.gpu_slots_limit, occupy=self.nproc_per_node)
 
 
 def command(config_path: Path, events: Path, result: Path, launch: Launch) -> list[str]:
@@ -73,7 +83,6 @@ class _Tail:
 def _die_with_parent() -> None:
     """Linux: SIGTERM the trainer when this process dies, even by SIGKILL, so no orphan keeps training (it
     checkpoints on SIGTERM) while a re-run resumes from the same checkpoints."""
-    import contextlib
     import ctypes
     import signal
 

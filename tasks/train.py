@@ -110,7 +110,9 @@ def train_task(
             logger.warning("%s: %s", run_name, event.get("message"))
 
     try:
-        result = run_training(cfg, local_workdir(uri), Launch(**launch), on_event, logger.info)
+        job = Launch(**launch)
+        with job.slots():
+            result = run_training(cfg, local_workdir(uri), job, on_event, logger.info)
         metrics = {k: v for k, v in result["eval"].items() if k.startswith("val/") and k != "val/count"}
         if test is not None:
             metrics.update(_test_metrics(result["model_uri"], cfg.data.dataset, test, cfg.batch_size))

@@ -151,7 +151,8 @@ def test_timm_export_round_trip():
     ref = timm.create_model("vit_tiny_patch16_224", pretrained=False, num_classes=10, img_size=SIZE).eval()
     ref.load_state_dict(export_timm(ours))
     x = images(2, SIZE)
-    assert (ref(x) - ours(x)).abs().max().item() < 1e-6
+    # float32 rounding only: our patch embedding is a GEMM, timm's a strided conv (outputs are O(1))
+    assert (ref(x) - ours(x)).abs().max().item() < 1e-5
 
 
 def test_official_npz_loads_and_matches_timm(tmp_path):

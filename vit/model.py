@@ -140,7 +140,13 @@ def lecun_normal_(weight: torch.Tensor) -> torch.Tensor:
 
 
 class PatchEmbed(nn.Module):
-    """Conv patch embedding with VALID padding; optionally on top of a ResNet feature map (hybrid)."""
+    """Conv patch embedding with VALID padding; optionally on top of a ResNet feature map (hybrid).
+
+    The kernel is stored as the official conv (``proj``, (D, C, p, p)), but because the stride equals the kernel
+    size the conv is one matrix product: the image is cut into (B, N, C·p·p) patch rows (one copy of the input)
+    and multiplied by the flattened kernel. On CPU that is faster than oneDNN's strided convolution, and its
+    backward is one GEMM for the kernel's gradient; the output comes out (B, N, D) contiguous, as the blocks want.
+    """
 
     def __init__(self, cfg: ViTConfig):
         super().__init__()
@@ -158,13 +164,22 @@ class PatchEmbed(nn.Module):
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         if self.backbone is not None:
             x = self.backbone(x)
-        return self.proj(x).flatten(2).transpose(1, 2)  # (B, N, D), raster order
+        b, c, h, w = x.shape
+        p = self.proj.kernel_size[0]
+        gh, gw = h // p, w // p  # VALID: leftover rows and columns are dropped
+        patches = x[:, :, : gh * p, : gw * p].reshape(b, c, gh, p, gw, p).permute(0, 2, 4, 1, 3, 5)
+        patches = patches.reshape(b, gh * gw, c * p * p)  # (B, N, C·p·p), raster order, (c, y, x) within a patch
+        return F.linear(patches, self.proj.weight.flatten(1), self.proj.bias)
 
 
 class Attention(nn.Module):
     """Multi-head self-attention via ``F.scaled_dot_product_attention`` (flash / mem-efficient on GPU).
 
     q, k and v are one fused ``qkv`` projection (equivalent to the official separate Dense layers, and faster).
+    Its (B, N, 3, H, hd) output is split along the ``3`` axis and each part viewed as (B, H, N, hd) without a
+    copy; the attention output and the gradients of q, k and v then keep that token-major layout, so the merge
+    of the heads is a view and the backward writes the qkv gradient in one pass (the usual head-major permute
+    costs an extra full copy of it per block).
     """
 
     def __init__(self, dim: int, num_heads: int, attention_dropout: float, dropout: float):
@@ -183,7 +198,7 @@ class Attention(nn.Module):
 
     def forward(self, x: torch.Tensor, return_weights: bool = False) -> tuple[torch.Tensor, torch.Tensor | None]:
         b, n, d = x.shape
-        q, k, v = self.qkv(x).view(b, n, 3, self.num_heads, self.head_dim).permute(2, 0, 3, 1, 4).unbind(0)
+        q, k, v = (t.transpose(1, 2) for t in self.qkv(x).view(b, n, 3, self.num_heads, self.head_dim).unbind(2))
         weights = None
         if return_weights:  # explicit softmax, for analysis only
             weights = torch.softmax((q * self.head_dim**-0.5) @ k.transpose(-2, -1), dim=-1)

@@ -32,6 +32,7 @@ class ModelConfig:
     pooling: Literal["token", "gap"] = "token"
     init: str | None = None  # checkpoint to start from (any file vit.load_pretrained reads)
     reset_head: bool = True  # with init: replace the head by a zero-initialised one (paper §3.2)
+    overrides: dict[str, Any] = field(default_factory=dict)  # other ViTConfig fields, e.g. {"depth": 2}
 
 
 @dataclass

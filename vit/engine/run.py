@@ -43,7 +43,7 @@ def seed_everything(seed: int) -> None:
 def build_model(cfg: TrainConfig, num_classes: int) -> VisionTransformer:
     """A fresh model, or one loaded from ``model.init`` with a new zero head at the training resolution."""
     m = cfg.model
-    overrides: dict[str, Any] = {"gelu_approximate": m.gelu_approximate}
+    overrides: dict[str, Any] = {**m.overrides, "gelu_approximate": m.gelu_approximate}
     if m.dropout is not None:
         overrides["dropout"] = m.dropout
     if m.init:
