@@ -63,9 +63,13 @@ def definitions(nightly_model: str | None = None, nightly_cron: str | None = Non
 
 
 def runner_deployments(defs: list[DeploymentDef] | None = None, work_pool: str | None = None) -> list:
-    """``RunnerDeployment``s for ``prefect.serve`` (no work pool) or ``deploy`` onto ``work_pool``."""
+    """``RunnerDeployment``s for ``prefect.serve`` (no work pool) or ``deploy`` onto ``work_pool``. On a work pool
+    the entrypoints are module paths (``flows.benchmark.benchmark``): a worker imports them from the installed
+    package (the image of infra/Dockerfile), so no code storage or pull step is needed."""
+    from prefect.deployments.runner import EntrypointType
     from prefect.schedules import Cron
 
+    entrypoint_type = EntrypointType.MODULE_PATH if work_pool else EntrypointType.FILE_PATH
     out = []
     for d in defs or definitions():
         schedules = [Cron(d.cron, timezone=NIGHTLY_TIMEZONE)] if d.cron else None
@@ -77,6 +81,7 @@ def runner_deployments(defs: list[DeploymentDef] | None = None, work_pool: str |
                 schedules=schedules,
                 tags=list(d.tags),
                 work_pool_name=work_pool,
+                entrypoint_type=entrypoint_type,
             )
         )
     return out

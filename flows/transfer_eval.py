@@ -35,12 +35,13 @@ def transfer_eval(
     spec = build_spec(
         suite, {**(overrides or {}), "init": model, "pretrain": None, "experiment": f"transfer-eval-{suite}"}
     )
-    spec = resolve(spec)
+    # A registry reference names no file: resolve it first, so the spec holds (and checks) the checkpoint evaluated.
+    source, resolved = resolve_model_ref(model, spec.resolved_tracking_uri())
+    spec = resolve(spec.model_copy(update={"init": source}))
     ref_tags = {"vitflow.model_ref": model, "vitflow.suite": suite}
     tracker, parent, ctx = open_tracking(spec, f"transfer-eval:{suite}", ref_tags)
     status = "FAILED"
     try:
-        source, resolved = resolve_model_ref(model, ctx.tracking_uri)
         tracker.set_tags(parent, {f"vitflow.{k}": v for k, v in resolved.items()})
         tracking = ctx.to_dict()
         datasets = prepare_datasets(spec=spec, tracking=tracking)

@@ -1,0 +1,200 @@
+"""Real servers for the operations tests: a `prefect server`, an `mlflow server`, and the deployments served by
+`vitflow deploy`, on loopback ports chosen at runtime. Every process starts in its own process group and the whole
+group is stopped when its context exits, so nothing outlives the tests.
+
+The served stack (``served_stack``) is shared by the UI and nightly tests: a test module that needs it declares
+``pytest_plugins = ["tests.servers"]``, which registers this module once, so the stack starts once per session.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import json
+import os
+import signal
+import socket
+import subprocess
+import sys
+import time
+import urllib.request
+from collections.abc import Callable, Iterator, Sequence
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import pytest
+
+BIN = Path(sys.executable).parent
+REPO = Path(__file__).resolve().parent.parent
+TERMINAL = {"COMPLETED", "FAILED", "CRASHED", "CANCELLED"}
+DEPLOYMENTS = {"benchmark", "transfer-eval-nightly", "prepare-datasets", "train-stage", "fewshot-stage"}
+SERVED_BUCKET = "ops-test"
+# Server loops the tests never need (schedules, late runs, automations, ...): off, to spare the CI's two cores.
+IDLE_SERVICES = ("SCHEDULER", "LATE_RUNS", "TRIGGERS", "CANCELLATION_CLEANUP", "PAUSE_EXPIRATIONS", "DB_VACUUM")
+
+
+def free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+def wait_until(
+    ready: Callable[[], bool], what: str, watch: Sequence[tuple[subprocess.Popen, Path]], timeout: float = 180
+) -> None:
+    """Poll ``ready`` until it holds; fail with the logs if a watched process exits or the time runs out."""
+    deadline = time.monotonic() + timeout
+    while not ready():
+        if any(proc.poll() is not None for proc, _ in watch) or time.monotonic() > deadline:
+            logs = "\n".join(f"--- {log}\n{log.read_text()[-4000:]}" for _, log in watch)
+            raise RuntimeError(f"{what} did not become ready:\n{logs}")
+        time.sleep(0.5)
+
+
+def api_post(url: str, body: dict[str, Any]) -> Any:
+    """POST JSON to a Prefect API endpoint (``.../filter``) and return the decoded answer."""
+    request = urllib.request.Request(
+        url, data=json.dumps(body).encode(), headers={"Content-Type": "application/json"}, method="POST"
+    )
+    with urllib.request.urlopen(request, timeout=10) as response:
+        return json.loads(response.read())
+
+
+def http_ok(url: str) -> bool:
+    try:
+        with urllib.request.urlopen(url, timeout=2) as response:
+            return response.status == 200
+    except OSError:
+        return False
+
+
+def wait_for_flow_run(api: str, flow_run_filter: dict[str, Any], timeout: float = 300) -> dict[str, Any]:
+    """The first flow run matching ``flow_run_filter`` once it reaches a terminal state."""
+    start = time.monotonic()
+    while True:
+        runs = api_post(f"{api}/flow_runs/filter", {"flow_runs": flow_run_filter})
+        if runs and runs[0]["state_type"] in TERMINAL:
+            return runs[0]
+        elapsed = time.monotonic() - start
+        assert runs or elapsed < 30, f"no flow run matches {flow_run_filter}"
+        assert elapsed < timeout, f"flow run {flow_run_filter} did not finish within {timeout:.0f} s"
+        time.sleep(1)
+
+
+@contextlib.contextmanager
+def background(argv: list[str], env: dict[str, str], log: Path, cwd: Path | None = None) -> Iterator[subprocess.Popen]:
+    """Run ``argv`` in a new process group (output to ``log``); SIGTERM the group on exit, SIGKILL if it lingers."""
+    with log.open("w") as out:
+        proc = subprocess.Popen(argv, env=env, cwd=cwd, stdout=out, stderr=subprocess.STDOUT, start_new_session=True)
+        try:
+            yield proc
+        finally:
+            with contextlib.suppress(ProcessLookupError):
+                os.killpg(proc.pid, signal.SIGTERM)
+            try:
+                proc.wait(timeout=15)
+            except subprocess.TimeoutExpired:
+                os.killpg(proc.pid, signal.SIGKILL)
+                proc.wait()
+
+
+def prefect_env(home: Path, api_url: str | None = None) -> dict[str, str]:
+    """The environment of a Prefect process with its own home and download cache (a cache shared with other runs
+    would hand it files of an earlier test's objects at the same S3 URIs), the client of ``api_url``."""
+    env = {
+        **os.environ,
+        "PREFECT_HOME": str(home),
+        "VITFLOW_CACHE": str(home / "cache"),
+        "PREFECT_SERVER_ANALYTICS_ENABLED": "false",
+        "DO_NOT_TRACK": "1",
+    }
+    env.pop("PREFECT_API_URL", None)
+    if api_url:
+        env["PREFECT_API_URL"] = api_url
+    return env
+
+
+def s3_env(endpoint: str) -> dict[str, str]:
+    """What a process needs to reach the moto S3 server (boto3 reads the endpoint from the environment)."""
+    return {
+        "AWS_ENDPOINT_URL_S3": endpoint,
+        "AWS_ACCESS_KEY_ID": "testing",
+        "AWS_SECRET_ACCESS_KEY": "testing",
+        "AWS_DEFAULT_REGION": "us-east-1",
+    }
+
+
+@contextlib.contextmanager
+def servers(home: Path) -> Iterator[tuple[str, str]]:
+    """`prefect server start` (SQLite) and `mlflow server` (SQLite, artifacts served from ``home``), started side by
+    side; yields (Prefect API URL, MLflow URL). The Prefect UI is at the API's address without ``/api``."""
+    for sub in ("prefect", "mlflow"):
+        (home / sub).mkdir(parents=True, exist_ok=True)
+    prefect_port, mlflow_port = free_port(), free_port()
+    api, mlflow_url = f"http://127.0.0.1:{prefect_port}/api", f"http://127.0.0.1:{mlflow_port}"
+    prefect_vars = {
+        **prefect_env(home / "prefect"),
+        "PREFECT_UI_API_URL": api,  # the browser's API address (the UI's default is port 4200)
+        **{f"PREFECT_SERVER_SERVICES_{s}_ENABLED": "false" for s in IDLE_SERVICES},
+    }
+    prefect_argv = [str(BIN / "prefect"), "server", "start", "--host", "127.0.0.1", "--port", str(prefect_port)]
+    mlflow_argv = [
+        str(BIN / "mlflow"),
+        "server",
+        *("--backend-store-uri", f"sqlite:///{home}/mlflow/mlflow.db"),
+        *("--artifacts-destination", str(home / "mlflow" / "artifacts")),
+        *("--host", "127.0.0.1", "--port", str(mlflow_port), "--workers", "1"),
+    ]
+    mlflow_vars = {**os.environ, "MLFLOW_SERVER_ENABLE_JOB_EXECUTION": "false"}
+    prefect_log, mlflow_log = home / "prefect" / "server.log", home / "mlflow" / "server.log"
+    with (
+        background(prefect_argv, prefect_vars, prefect_log) as prefect_proc,
+        background(mlflow_argv, mlflow_vars, mlflow_log) as mlflow_proc,
+    ):
+        watch = [(prefect_proc, prefect_log), (mlflow_proc, mlflow_log)]
+        wait_until(lambda: http_ok(f"{api}/health") and http_ok(f"{mlflow_url}/health"), "servers", watch)
+        yield api, mlflow_url
+
+
+@dataclass(frozen=True)
+class ServedStack:
+    api: str  # Prefect API
+    ui: str  # Prefect UI
+    mlflow: str
+    s3: dict[str, str]  # the S3 environment the served runs use
+    artifact_root: str
+    serve_log: Path
+
+
+def served_deployments(api: str) -> set[str]:
+    try:
+        return {d["name"] for d in api_post(f"{api}/deployments/filter", {})}
+    except OSError:
+        return set()
+
+
+@pytest.fixture(scope="session")
+def served_stack(tmp_path_factory, moto_endpoint) -> Iterator[ServedStack]:
+    """Prefect server + MLflow server + `vitflow deploy` serving every deployment; artifacts in S3 (moto)."""
+    from vit import storage
+
+    home = tmp_path_factory.mktemp("served-stack")
+    s3 = s3_env(moto_endpoint)
+    with pytest.MonkeyPatch.context() as mp:
+        for key, value in s3.items():
+            mp.setenv(key, value)
+        storage.ensure_bucket(f"s3://{SERVED_BUCKET}")
+    root = f"s3://{SERVED_BUCKET}/vitflow"
+    with servers(home) as (api, mlflow_url):
+        env = {
+            **prefect_env(home / "client", api),
+            **s3,
+            "MLFLOW_TRACKING_URI": mlflow_url,
+            "VITFLOW_ARTIFACT_ROOT": root,
+            "VITFLOW_HOME": str(home / "vitflow"),
+            "PREFECT_RUNNER_POLL_FREQUENCY": "2",
+        }
+        log = home / "serve.log"
+        with background([str(BIN / "vitflow"), "deploy"], env, log, cwd=REPO) as proc:
+            wait_until(lambda: served_deployments(api) == DEPLOYMENTS, "vitflow deploy", [(proc, log)])
+            yield ServedStack(api, api.removesuffix("/api"), mlflow_url, s3, root, log)
