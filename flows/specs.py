@@ -9,7 +9,7 @@ from __future__ import annotations
 import hashlib
 import json
 from pathlib import Path
-from typing import Any, Literal
+from typing import Annotated, Any, Literal
 
 from pydantic import BaseModel, ConfigDict, Field, field_validator, model_validator
 
@@ -22,7 +22,7 @@ FILE_FORMATS = ("imagenet", "imagefolder", "cifar10", "cifar100", "pets", "flowe
 
 
 class Spec(BaseModel):
-    model_config = ConfigDict(extra="forbid", validate_assignment=True)
+    model_config = ConfigDict(extra="forbid", validate_assignment=True, allow_inf_nan=False)
 
 
 class DatasetSpec(Spec):
@@ -36,8 +36,15 @@ class DatasetSpec(Spec):
     @field_validator("source")
     @classmethod
     def _source_has_format(cls, value: str) -> str:
+        from vit.data import DataError
+        from vit.data.sources import parse_source
+
         if ":" not in value:
             raise ValueError(f"source {value!r} must be FORMAT:PATH (e.g. cifar10:/data/cifar-10-batches-py)")
+        try:
+            parse_source(value)
+        except DataError as e:
+            raise ValueError(str(e)) from None
         return value
 
     def missing_path(self) -> str | None:
@@ -102,6 +109,14 @@ class BenchmarkItem(Spec):
     name: str = Field(min_length=1, pattern=r"^[A-Za-z0-9][A-Za-z0-9._/-]*$")
     dataset: DatasetSpec
     protocol: Protocol
+
+    @field_validator("name")
+    @classmethod
+    def _no_parent_segments(cls, value: str) -> str:
+        if ".." in value.split("/") or "//" in value:
+            raise ValueError(f"benchmark name {value!r} may not contain '..' or empty '/' segments")
+        return value
+
     finetune: bool = True
     fewshot: bool = True
     real: bool = Field(False, description="also report ImageNet ReaL (needs real_labels in the dataset)")
@@ -117,7 +132,7 @@ class FinetuneSpec(Spec):
     warmup_steps: int | None = Field(None, ge=0)
     sweep: bool = True
     polyak: float | None = Field(None, gt=0, lt=1)
-    seeds: list[int] = Field(default_factory=lambda: [0], min_length=1)
+    seeds: list[Annotated[int, Field(ge=0)]] = Field(default_factory=lambda: [0], min_length=1)
 
     @field_validator("lrs")
     @classmethod
@@ -130,7 +145,7 @@ class FinetuneSpec(Spec):
 class FewshotSpec(Spec):
     enabled: bool = True
     shots: list[int] = Field(default_factory=lambda: [1, 5, 10, 25], min_length=1)
-    seeds: list[int] = Field(default_factory=lambda: [0, 1, 2], min_length=1)
+    seeds: list[Annotated[int, Field(ge=0)]] = Field(default_factory=lambda: [0, 1, 2], min_length=1)
     l2: float = Field(1024.0, gt=0)
     image_size: int | None = Field(None, gt=0, description="None: the pre-training resolution")
 
@@ -206,7 +221,7 @@ class BenchmarkSpec(Spec):
     tracking_uri: str | None = Field(
         None, description="None: $MLFLOW_TRACKING_URI or sqlite:///$VITFLOW_HOME/mlflow.db"
     )
-    seed: int = 0
+    seed: int = Field(0, ge=0)
 
     @field_validator("artifact_root")
     @classmethod
@@ -282,7 +297,12 @@ class BenchmarkSpec(Spec):
         for field, dataset in datasets:
             if path := dataset.missing_path():
                 errors.append(f"{field}.source: dataset path {path!r} does not exist")
-        if self.init and "://" not in self.init and not Path(self.init).exists():
+        if (
+            self.init
+            and "://" not in self.init
+            and not self.init.startswith("models:/")
+            and not Path(self.init).exists()
+        ):
             errors.append(f"init: checkpoint {self.init!r} does not exist")
         if errors:
             raise ValueError("; ".join(errors))
@@ -314,13 +334,18 @@ def apply_overrides(data: dict[str, Any], overrides: list[str] | dict[str, Any])
             value = yaml.safe_load(value) if value != "" else ""
         node: Any = data
         *parents, leaf = key.split(".")
-        for part in parents:
+        if not all(parents) or not leaf:
+            raise ValueError(f"override {key!r}: empty field name in the path")
+        for depth, part in enumerate(parents):
             if isinstance(node, list):
                 node = node[_index(part, key, len(node))]
-            else:
+            elif isinstance(node, dict):
                 if node.get(part) is None:
                     node[part] = {}
                 node = node[part]
+            if not isinstance(node, dict | list):
+                where = ".".join(parents[: depth + 1])
+                raise ValueError(f"override {key!r}: {where} is a value ({node!r}), not a section with fields")
         if isinstance(node, list):
             node[_index(leaf, key, len(node))] = value
         else:

@@ -1,12 +1,15 @@
-"""What every stage task shares: where its output lives (content-addressed), its MLflow run, its logger."""
+"""What every stage task shares: where its output lives (content-addressed), who may write it (one run at a
+time), its MLflow run, its logger."""
 
 from __future__ import annotations
 
+import contextlib
 import hashlib
 import json
 import logging
 import os
 import re
+from collections.abc import Iterator
 from dataclasses import asdict, dataclass
 from pathlib import Path
 from typing import Any
@@ -17,7 +20,7 @@ from tasks.tracking import RunRef, Tracker, git_commit
 from vit import storage
 
 # Bump a stage's version when its outputs' meaning changes: old outputs then stop being reused.
-STAGE_VERSIONS = {"init": 1, "pretrain": 1, "finetune": 1, "fewshot": 1}
+STAGE_VERSIONS = {"init": 1, "pretrain": 1, "finetune": 1, "fewshot": 1, "plots": 1}
 DONE_FILE = "_done.json"
 
 
@@ -55,6 +58,25 @@ def read_done(uri: str) -> dict[str, Any] | None:
 
 def write_done(uri: str, result: dict[str, Any]) -> None:
     storage.write_text(storage.join(uri, DONE_FILE), json.dumps(result, indent=2, default=str))
+
+
+@contextlib.contextmanager
+def claim_stage(uri: str) -> Iterator[dict[str, Any] | None]:
+    """The stage's recorded result when it is finished, else None while this run holds the stage's lock
+    (``<stage>.lock``, released on exit) and does the work. A second run of the same stage at the same time waits
+    until the first one writes ``_done.json`` and then gets its result, so two runs never interleave their output
+    (checkpoints included); if the holder fails or dies, the waiter takes the lock and does the work itself."""
+    logger = run_logger()
+    lock = storage.exclusive(
+        f"{uri}.lock",
+        lambda: storage.exists(storage.join(uri, DONE_FILE)),
+        on_wait=lambda: logger.info("another run is working on %s; waiting to reuse its result", uri),
+    )
+    if lock is None:
+        yield read_done(uri)
+        return
+    with lock:
+        yield None
 
 
 def local_workdir(uri: str) -> Path:

@@ -553,11 +553,26 @@ def read_any(path_or_uri: str | os.PathLike) -> tuple[StateDict, ViTConfig, dict
         return sd, infer_config(sd, npz_num_heads(source)), {"format": "npz"}
     sd, meta = load_checkpoint(source)
     if "config" in meta:
-        return sd, ViTConfig.from_dict(meta["config"]), meta
+        cfg = ViTConfig.from_dict(meta["config"])
+        _check_recorded_config(cfg, infer_config(sd, cfg.num_heads), source)
+        return sd, cfg, meta
     sd = to_vit_naming(sd)
     cfg = infer_config(sd)
     # timm and torchvision models use exact GELU; keep their numerics unless told otherwise.
     return sd, ViTConfig.from_dict({**cfg.to_dict(), "gelu_approximate": "none"}), {**meta, "format": "torch"}
+
+
+def _check_recorded_config(recorded: ViTConfig, inferred: ViTConfig, source: str) -> None:
+    """Refuse metadata that disagrees with the tensors' shapes before a model is built from it: a forged config
+    (say depth 10,000 or width 65,536) would otherwise allocate a huge model only to fail the strict load."""
+    fields = ("patch_size", "hidden_size", "depth", "mlp_dim", "num_classes", "representation_size", "pooling")
+    wrong = [
+        f"{f} {getattr(recorded, f)} vs {getattr(inferred, f)}"
+        for f in fields
+        if getattr(recorded, f) != getattr(inferred, f)
+    ]
+    if wrong:
+        raise CheckpointError(f"{source}: the recorded model config does not match the tensors: {', '.join(wrong)}")
 
 
 def load_pretrained(

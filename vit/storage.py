@@ -8,28 +8,41 @@ storage server restart. Writes are atomic: a local file appears under its name o
 
 Remote files needed locally (checkpoints over ``https://`` or ``s3://``) are fetched once into a cache
 (``VITFLOW_CACHE``, default ``~/.cache/vitflow``).
+
+:func:`exclusive` gives one writer per output (a dataset, a pipeline stage) among concurrent runs: a local lock
+file held with ``flock`` (the kernel drops it when its holder dies), or an S3 lock object created with a
+conditional put and kept alive by a heartbeat (taken over once its holder is dead or silent for ``LOCK_TTL``).
 """
 
 from __future__ import annotations
 
+import contextlib
 import errno
+import fcntl
 import hashlib
 import io
+import json
+import logging
 import os
 import random
 import shutil
+import socket
 import tempfile
 import threading
 import time
 import urllib.parse
 import urllib.request
+import uuid
 from collections.abc import Callable
+from email.utils import parsedate_to_datetime
 from pathlib import Path
 from typing import BinaryIO, TypeVar
 
 T = TypeVar("T")
 
 MULTIPART_THRESHOLD = 64 * 1024 * 1024
+LOCK_TTL = 120.0  # seconds: an S3 lock whose heartbeat is older than this is stale (its holder is gone)
+log = logging.getLogger("vitflow.storage")
 
 
 class StorageError(RuntimeError):
@@ -418,14 +431,22 @@ def cache_dir() -> Path:
 
 
 def fetch(uri: str | os.PathLike) -> Path:
-    """A local path for ``uri``: local files as they are; ``s3://`` and ``http(s)://`` downloaded once to the cache."""
+    """A local path for ``uri``: local files as they are; ``s3://`` and ``http(s)://`` downloaded once to the cache.
+
+    An S3 object is cached under its URI and ETag, so an object rewritten in place (a bucket reused, a file
+    replaced by hand) is downloaded again rather than served stale; https checkpoints are immutable releases.
+    """
     s = validate_uri(str(uri))
     if not (is_s3(s) or is_http(s)):
         path = local_path(s)
         if not path.exists():
             raise StorageError(f"{s}: file does not exist")
         return path
-    digest = hashlib.sha256(s.encode()).hexdigest()[:16]
+    version = ""
+    if is_s3(s):
+        bucket, key = split_s3(s)
+        version = with_retries(lambda: s3_client().head_object(Bucket=bucket, Key=key)["ETag"], s, "stat")
+    digest = hashlib.sha256(f"{s}\n{version}".encode()).hexdigest()[:16]
     name = Path(urllib.parse.urlparse(s).path).name or "download"
     target = cache_dir() / digest / name
     if target.exists():
@@ -529,6 +550,196 @@ def publish_file(local: str | os.PathLike, uri: str) -> None:
                 raise StorageError(f"cannot move {src} to {dst}: {exc}") from exc
     upload(src, uri)
     src.unlink(missing_ok=True)
+
+
+# --------------------------------------------------------------------------------------------------------------
+# Locks: one writer per output among concurrent runs
+
+
+class Lock:
+    """A held lock (see :func:`exclusive`); releasing it lets the next waiter in. A context manager."""
+
+    def __init__(self, uri: str, release: Callable[[], None]) -> None:
+        self.uri = uri
+        self._release: Callable[[], None] | None = release
+
+    def release(self) -> None:
+        if self._release is not None:
+            release, self._release = self._release, None
+            release()
+
+    def __enter__(self) -> Lock:
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        self.release()
+
+
+def _owner() -> dict[str, object]:
+    return {"token": uuid.uuid4().hex, "host": socket.gethostname(), "pid": os.getpid(), "since": time.time()}
+
+
+def _pid_alive(pid: int) -> bool:
+    try:
+        os.kill(pid, 0)
+    except ProcessLookupError:
+        return False
+    except PermissionError:
+        return True
+    return True
+
+
+def _try_local_lock(path: Path) -> Lock | None:
+    """``flock`` on ``path``; None while another process or thread holds it. The kernel releases the lock of a
+    dead holder, so a local lock is never stale."""
+    path.parent.mkdir(parents=True, exist_ok=True)
+    fd = os.open(path, os.O_RDWR | os.O_CREAT, 0o644)
+    try:
+        fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+    except BlockingIOError:
+        os.close(fd)
+        return None
+    try:
+        same = os.fstat(fd).st_ino == os.stat(path).st_ino
+    except FileNotFoundError:  # the previous holder removed it after we opened it: lock the new file instead
+        same = False
+    if not same:
+        os.close(fd)
+        return None
+    os.ftruncate(fd, 0)
+    os.write(fd, json.dumps(_owner()).encode())  # who holds it, for people looking at the folder
+
+    def release() -> None:
+        Path(path).unlink(missing_ok=True)  # before unlocking: a waiter that locked the old file retries
+        os.close(fd)
+
+    return Lock(str(path), release)
+
+
+def _precondition_failed(exc: BaseException) -> bool:
+    from botocore.exceptions import ClientError
+
+    if not isinstance(exc, ClientError):
+        return False
+    code = str(exc.response.get("Error", {}).get("Code", ""))
+    return code in ("PreconditionFailed", "ConditionalRequestConflict", "412", "409")
+
+
+def _conditional(fn: Callable[[], T], uri: str) -> T | None:
+    """``fn`` (a conditional S3 request) retried on transient faults; None when its condition failed."""
+
+    def attempt() -> tuple[T | None]:
+        try:
+            return (fn(),)
+        except Exception as exc:
+            if _precondition_failed(exc):
+                return (None,)
+            raise
+
+    return with_retries(attempt, uri, "lock")[0]
+
+
+def _s3_lock_is_stale(uri: str, ttl: float) -> str | None:
+    """The ETag of the lock object at ``uri`` when its holder is dead (same host, no such pid) or silent for
+    ``ttl`` seconds (by the server's clock: its Date header against the object's LastModified), else None."""
+    from botocore.exceptions import ClientError
+
+    bucket, key = split_s3(uri)
+
+    def read() -> tuple[dict, str, float] | None:
+        try:
+            response = s3_client().get_object(Bucket=bucket, Key=key)
+        except ClientError as exc:
+            if exc.response.get("ResponseMetadata", {}).get("HTTPStatusCode") == 404:
+                return None
+            raise
+        body = response["Body"].read()
+        date = response["ResponseMetadata"]["HTTPHeaders"].get("date")
+        now = parsedate_to_datetime(date).timestamp() if date else time.time()
+        try:
+            owner = json.loads(body)
+        except ValueError:
+            owner = {}
+        return owner, response["ETag"], now - response["LastModified"].timestamp()
+
+    found = with_retries(read, uri, "lock")
+    if found is None:
+        return None
+    owner, etag, age = found
+    dead = owner.get("host") == socket.gethostname() and not _pid_alive(int(owner.get("pid", 0)))
+    return etag if dead or age > ttl else None
+
+
+def _try_s3_lock(uri: str, ttl: float) -> Lock | None:
+    """Create the lock object if absent (``If-None-Match: *``) or replace a stale one (``If-Match`` its ETag);
+    a heartbeat rewrites it every ``ttl / 4`` s while held. None while a live holder has it."""
+    bucket, key = split_s3(uri)
+    owner = _owner()
+
+    def put(**condition: str) -> str:
+        body = json.dumps({**owner, "beat": time.time()}).encode()
+        return s3_client().put_object(Bucket=bucket, Key=key, Body=body, **condition)["ETag"]
+
+    etag = _conditional(lambda: put(IfNoneMatch="*"), uri)
+    if etag is None:
+        stale = _s3_lock_is_stale(uri, ttl)
+        if stale is None:
+            return None
+        etag = _conditional(lambda: put(IfMatch=stale), uri)
+        if etag is None:  # another waiter took it over first
+            return None
+        log.warning("took over the stale lock %s", uri)
+    held = {"etag": etag}
+    stop = threading.Event()
+
+    def heartbeat() -> None:
+        while not stop.wait(ttl / 4):
+            try:
+                new = _conditional(lambda: put(IfMatch=held["etag"]), uri)
+            except StorageError as exc:  # the store is down: the next beat tries again
+                log.warning("lock heartbeat on %s failed: %s", uri, exc)
+                continue
+            if new is None:
+                log.warning("lost the lock %s: another run took it over", uri)
+                return
+            held["etag"] = new
+
+    beat = threading.Thread(target=heartbeat, name=f"lock-heartbeat {key}", daemon=True)
+    beat.start()
+
+    def release() -> None:
+        stop.set()
+        beat.join()
+        with contextlib.suppress(StorageError):
+            _conditional(lambda: s3_client().delete_object(Bucket=bucket, Key=key, IfMatch=held["etag"]), uri)
+
+    return Lock(uri, release)
+
+
+def exclusive(
+    lock_uri: str,
+    done: Callable[[], bool],
+    ttl: float = LOCK_TTL,
+    poll: float = 1.0,
+    on_wait: Callable[[], None] = lambda: None,
+) -> Lock | None:
+    """One writer per output. Returns None as soon as ``done()`` holds (the output exists: reuse it); otherwise
+    waits until the lock at ``lock_uri`` is free, takes it, and returns it held, with ``done()`` checked once more
+    under it. ``on_wait`` is called once if it has to wait for another holder."""
+    waited = False
+    while True:
+        if done():
+            return None
+        lock = _try_s3_lock(lock_uri, ttl) if is_s3(lock_uri) else _try_local_lock(local_path(lock_uri))
+        if lock is not None:
+            if done():
+                lock.release()
+                return None
+            return lock
+        if not waited:
+            on_wait()
+            waited = True
+        time.sleep(poll)
 
 
 def _forget_clients() -> None:

@@ -16,7 +16,7 @@ from torch.utils.data import Dataset
 from vit import storage
 from vit.data.base import DataError
 from vit.data.loader import ShardLoader, SplitIndex, StreamConfig
-from vit.data.shards import read_members, transform_encoded
+from vit.data.shards import read_members, shard_uri, transform_encoded
 
 
 class MapDataset(Dataset):
@@ -87,7 +87,7 @@ class PreparedDataset:
             raise DataError(f"{self.uri}: manifest rows of split {split!r} are not grouped by shard; prepare it again")
         counts = np.bincount(codes, minlength=len(shards)) if len(codes) else np.zeros(0, np.int64)
         return SplitIndex(
-            shard_uris=tuple(storage.join(self.uri, s) for s in shards),
+            shard_uris=tuple(shard_uri(self.uri, s) for s in shards),
             starts=np.concatenate([[0], np.cumsum(counts)[:-1]]).astype(np.int64) if len(counts) else counts,
             counts=counts.astype(np.int64),
             offsets=frame["offset"].to_numpy(np.int64),

@@ -3,7 +3,9 @@
 ``<artifact-root>/datasets/<name>/<fingerprint>/`` holds ``shards/<group>-NNNNNN.tar`` (WebDataset-compatible,
 bounded size), ``manifest.parquet`` (one row per sample and split: key, split, label, shard, offset, size, sha256,
 width, height, and ReaL labels for ImageNet), ``classes.json``, ``quarantine.csv`` (source, reason) and, written
-last, ``info.json``: a dataset is visible only once info.json exists, on a local disk and on S3 alike.
+last, ``info.json``: a dataset is visible only once info.json exists, on a local disk and on S3 alike. Two runs
+preparing the same dataset at once never interleave: one holds ``<fingerprint>.lock`` (`vit.storage.exclusive`) and
+prepares, the other waits for its info.json and reuses the result.
 
 Every sample is decoded once. Samples that cannot be used (missing, empty, truncated or non-image files, labels out
 of range) go to quarantine.csv; preparation fails, publishing nothing, only when their share exceeds
@@ -249,12 +251,21 @@ def prepare_dataset(
         settings["minival"] = src.minival_fraction  # the protocol's default, fingerprinted as such
     src.minival_fraction = settings["minival"]
     uri = storage.join(root, "datasets", name, fingerprint(src, settings, seed))
-    if storage.exists(storage.join(uri, "info.json")):
+    info_uri = storage.join(uri, "info.json")
+
+    def waiting() -> None:
+        if progress:
+            print(f"{name}: another run is preparing {uri}; waiting to reuse it", file=sys.stderr)
+
+    # One preparation per fingerprint: a concurrent run waits for this one's info.json and reuses it.
+    lock = storage.exclusive(f"{uri}.lock", lambda: storage.exists(info_uri), on_wait=waiting)
+    if lock is None:
         if progress:
             print(f"{name}: unchanged source, already prepared at {uri}", file=sys.stderr)
         return uri
-    storage.delete_prefix(uri)  # leftovers of an interrupted run (never visible: no info.json)
-    return _prepare(src, source, name, uri, seed, settings, max_corrupt_fraction, workers, progress)
+    with lock:
+        storage.delete_prefix(uri)  # leftovers of an interrupted run (never visible: no info.json)
+        return _prepare(src, source, name, uri, seed, settings, max_corrupt_fraction, workers, progress)
 
 
 def _prepare(

@@ -2,18 +2,22 @@
 
 Each sample is two tar members, ``<key>.<jpg|png>`` (the encoded image) and ``<key>.cls`` (the label as text), so
 ``webdataset`` and plain ``tar`` read the shards as they are. The manifest records each image's byte offset and
-size, so readers need no tar parsing: they stream a shard and take the byte ranges they want.
+size, so readers need no tar parsing: they stream a shard and take the byte ranges they want. Nothing is ever
+extracted to disk, yet a shard is untrusted input: a manifest may only name shards inside the dataset's
+``shards/`` folder, and every member read must sit behind its own tar header as a regular file with a relative name
+and the manifest's size, so an archive with ``../`` or absolute names, symlinks or hard links is refused.
 """
 
 from __future__ import annotations
 
 import io
 import math
+import re
 import tarfile
 import warnings
 from collections.abc import Callable, Iterator, Sequence
 from concurrent.futures import Future, ThreadPoolExecutor
-from pathlib import Path
+from pathlib import Path, PurePosixPath
 
 import numpy as np
 import torch
@@ -21,6 +25,7 @@ from PIL import Image
 from torchvision.io import ImageReadMode, decode_jpeg, decode_png
 
 from vit import storage
+from vit.data.base import DataError
 from vit.data.transforms import ImageTransform
 
 # torchvision 0.29 deprecates its image codecs in favour of TorchCodec (not a dependency here); they remain the
@@ -28,6 +33,7 @@ from vit.data.transforms import ImageTransform
 warnings.filterwarnings("ignore", message="The image decoding and encoding capabilities of TorchVision")
 
 BLOCK = 512
+_SHARD_NAME = re.compile(r"^shards/[A-Za-z0-9_-][A-Za-z0-9._-]*\.tar$")
 JPEG_MAGIC = b"\xff\xd8"
 PNG_MAGIC = b"\x89PNG"
 
@@ -137,20 +143,47 @@ def _read_exact(stream, n: int) -> bytes:
     return data
 
 
+def shard_uri(dataset_uri: str, name: str) -> str:
+    """The URI of a shard a manifest names; a name outside the dataset's ``shards/`` folder is refused."""
+    if not _SHARD_NAME.match(name) or ".." in name:
+        raise DataError(f"{dataset_uri}: the manifest names shard {name!r}, outside shards/: refused")
+    return storage.join(dataset_uri, name)
+
+
+def check_member(uri: str, header: bytes, size: int) -> None:
+    """The tar header in front of a sample must describe a regular file of ``size`` bytes with a relative name."""
+    try:
+        info = tarfile.TarInfo.frombuf(header, "utf-8", "surrogateescape")
+    except tarfile.HeaderError as exc:
+        raise DataError(f"{uri}: no valid tar header in front of a sample ({exc}): not a vitflow shard") from None
+    name = PurePosixPath(info.name)
+    if not info.isreg() or info.size != size or name.is_absolute() or ".." in name.parts:
+        raise DataError(
+            f"{uri}: refused member {info.name!r} (tar type {info.type!r}, {info.size} bytes, manifest {size}): "
+            "only regular files with relative names"
+        )
+
+
 def read_members(uri: str, offsets: Sequence[int], sizes: Sequence[int]) -> Iterator[bytes]:
-    """The bytes at each (offset, size) of one shard, offsets ascending: one sequential stream over the shard, or
-    one ranged read per member when they are a sparse few of a remote shard."""
+    """The bytes at each (offset, size) of one shard, offsets ascending, each checked against its tar header
+    (:func:`check_member`): one sequential stream over the shard, or one ranged read per member when they are a
+    sparse few of a remote shard."""
     if not len(offsets):
         return
+    if int(offsets[0]) < BLOCK:
+        raise DataError(f"{uri}: a sample at offset {int(offsets[0])} has no room for its tar header")
     span = offsets[-1] + sizes[-1] - offsets[0]
     if storage.is_s3(uri) and 8 * sum(sizes) < span:
         for offset, size in zip(offsets, sizes, strict=True):
-            yield storage.read_range(uri, int(offset), int(size))
+            data = storage.read_range(uri, int(offset) - BLOCK, int(size) + BLOCK)
+            check_member(uri, data[:BLOCK], int(size))
+            yield data[BLOCK:]
         return
-    with storage.open_stream_at(uri, int(offsets[0])) as stream:
-        pos = int(offsets[0])
+    with storage.open_stream_at(uri, int(offsets[0]) - BLOCK) as stream:
+        pos = int(offsets[0]) - BLOCK
         for offset, size in zip(offsets, sizes, strict=True):
-            _skip(stream, int(offset) - pos)
+            _skip(stream, int(offset) - BLOCK - pos)
+            check_member(uri, _read_exact(stream, BLOCK), int(size))
             yield _read_exact(stream, int(size))
             pos = int(offset) + int(size)
 
