@@ -2,6 +2,9 @@
 
 from __future__ import annotations
 
+import argparse
+import datetime
+import json
 import os
 import platform
 import re
@@ -9,10 +12,29 @@ import statistics
 import time
 from collections.abc import Callable
 from pathlib import Path
+from typing import Any
 
 import torch
 
 PERFORMANCE_DOC = Path(__file__).resolve().parent.parent / "docs" / "PERFORMANCE.md"
+RESULTS_DIR = Path(__file__).resolve().parent / "results"
+
+# The goals of the performance issue, in the order of the summary table: key, measure, goal, command.
+GPU_COMMAND = "`python bench/engine.py` on a CUDA machine"
+GOALS: list[tuple[str, str, str, str]] = [
+    ("train_eager", "training step images/s vs timm, eager (CPU: Ti/16, S/16, B/16 at 224)", "≥ 1.0×", "model"),
+    ("train_compile", "training step images/s vs timm, `torch.compile` (the default mode)", "≥ 1.2×", "model"),
+    ("inference", "inference images/s vs timm and torchvision", "≥ 1.0×", "model"),
+    ("mfu", "model-FLOP utilisation of the training step vs measured GEMM throughput", "≥ 75% for B/16", "model"),
+    ("loader", "shard loader vs torchvision ImageFolder + PIL", "≥ 2×", "data"),
+    ("s3", "S3 streaming vs local reading", "≥ 0.8×", "data"),
+    ("engine", "engine step vs a bare training loop", "≤ 5% overhead", "engine"),
+    ("pipeline", "orchestration + tracking overhead in `vitflow run demo`", "≤ 10% of wall", "pipeline"),
+    ("rerun", "unchanged re-run of the demo", "≤ 20 s", "pipeline"),
+    ("fewshot", "few-shot feature extraction; ridge solve, 1,000 classes × 25 shots", "solve ≤ 2 s", "fewshot"),
+    ("memory", "peak training memory per model size, with and without gradient checkpointing", "reported", "memory"),
+    ("gpu", "GPU: ViT-B/16 and L/16 bf16 + compile training at 224 and 384", "≥ 45% MFU for B/16 on H100", "gpu"),
+]
 
 
 def machine_line() -> str:
@@ -32,6 +54,18 @@ def machine_line() -> str:
         f"{cpu}, {os.cpu_count()} logical CPUs, {torch.get_num_threads()} torch threads, {gpu}; "
         f"Python {platform.python_version()}, torch {torch.__version__}, torchvision {torchvision.__version__}"
     )
+
+
+def add_device_argument(parser: argparse.ArgumentParser) -> None:
+    parser.add_argument(
+        "--device", choices=["auto", "cpu", "cuda"], default="auto", help="auto: cuda when available, else cpu"
+    )
+
+
+def resolve_device(name: str) -> torch.device:
+    if name == "cuda" and not torch.cuda.is_available():
+        raise SystemExit("--device cuda: no CUDA device on this machine")
+    return torch.device("cuda" if name == "cuda" or (name == "auto" and torch.cuda.is_available()) else "cpu")
 
 
 def interleaved(candidates: dict[str, Callable[[], float]], rounds: int = 5) -> dict[str, list[float]]:
@@ -82,3 +116,44 @@ def update_section(section: str, body: str, doc: Path = PERFORMANCE_DOC) -> None
     text = pattern.sub(lambda _: block, text) if pattern.search(text) else text.rstrip() + f"\n\n{block}\n"
     doc.parent.mkdir(parents=True, exist_ok=True)
     doc.write_text(text)
+
+
+def save_results(bench: str, goals: dict[str, dict[str, Any]], extra: dict[str, Any] | None = None) -> None:
+    """Record one bench's figures for the summary table: ``goals`` maps a key of :data:`GOALS` to
+    ``{"figure": str, "met": bool | None, "note": str}`` (``met`` None: reported only, or not measured)."""
+    RESULTS_DIR.mkdir(parents=True, exist_ok=True)
+    record = {"bench": bench, "date": today(), "machine": machine_line(), "goals": goals, **(extra or {})}
+    (RESULTS_DIR / f"{bench}.json").write_text(json.dumps(record, indent=2, ensure_ascii=False) + "\n")
+
+
+def today() -> str:
+    return datetime.datetime.now(datetime.UTC).strftime("%Y-%m-%d %H:%M UTC")
+
+
+def summary_section() -> str:
+    """The goal-by-goal summary, from every bench's recorded figures (``bench/results/*.json``)."""
+    figures: dict[str, tuple[dict[str, Any], str]] = {}
+    for path in sorted(RESULTS_DIR.glob("*.json")):
+        record = json.loads(path.read_text())
+        for key, entry in record["goals"].items():
+            figures[key] = (entry, record["date"])
+    rows = []
+    for key, measure, goal, bench in GOALS:
+        entry, date = figures.get(key, ({"figure": "not measured yet", "met": None, "note": ""}, ""))
+        status = {True: "met", False: "**not met**", None: "reported"}[entry["met"]]
+        if entry["figure"].startswith("not measured"):
+            status = "not measured"
+        note = f" ({entry['note']})" if entry.get("note") else ""
+        command = GPU_COMMAND if bench == "gpu" else f"`python bench/{bench}.py`"
+        rows.append([measure, goal, entry["figure"], status + note, command, date])
+    table = markdown_table(["measure", "goal", "measured (medians)", "status", "command", "measured on"], rows)
+    return (
+        "## Summary\n\nEvery figure below comes from `make bench` (= `python bench/run_all.py`), which runs each "
+        "script in `bench/` in a fresh process and rewrites its section of this file; medians of interleaved runs, "
+        "ratios against the named baseline. Details, with the exact command of each row, are in the sections "
+        "below.\n\n" + table
+    )
+
+
+def write_summary() -> None:
+    update_section("summary", summary_section())
