@@ -144,7 +144,7 @@ def prepare(
 
 @data_app.command("info", help="Show a prepared dataset: source, fingerprint, classes and counts per split.")
 def info(
-    uri: Annotated[str, typer.Argument(help="Dataset URI, or <root>/datasets/<name> for its newest version.")],
+    uri: Annotated[str, typer.Argument(help="Dataset URI, or `ROOT/datasets/NAME` for its newest version.")],
     as_json: Annotated[bool, typer.Option("--json", help="Print info.json as it is.")] = False,
 ) -> None:
     try:

@@ -246,7 +246,7 @@ def fewshot(
 
 
 def transfer(
-    model: Annotated[str, typer.Argument(help="models:/<name>@<alias>, an artifact URI or an official .npz")],
+    model: Annotated[str, typer.Argument(help="`models:/NAME@ALIAS`, an artifact URI or an official .npz")],
     suite: Annotated[str, typer.Option(help="The preset whose transfer suite runs.")] = "fewshot-nightly",
     threshold: Annotated[float, typer.Option(help="Regression threshold in accuracy points.")] = 1.0,
     overrides: SetOption = None,

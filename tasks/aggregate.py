@@ -6,6 +6,7 @@ Outputs go to ``<artifact root>/runs/<parent run id>/`` (results.parquet/csv, re
 
 from __future__ import annotations
 
+import hashlib
 import json
 import tempfile
 import uuid
@@ -16,7 +17,15 @@ import pandas as pd
 from prefect import task
 from prefect.cache_policies import NONE
 
-from tasks.common import TrackingContext, finish_stage_run, local_workdir, run_logger, start_stage_run
+from tasks.common import (
+    TrackingContext,
+    finish_stage_run,
+    read_done,
+    run_logger,
+    stage_uri,
+    start_stage_run,
+    write_done,
+)
 from vit import storage
 
 SCRATCH = "scratch"
@@ -84,21 +93,29 @@ def headline_metrics(df: pd.DataFrame, groups: dict[str, str | None]) -> dict[st
 
 
 def training_curves(stage_uris: dict[str, str]) -> pd.DataFrame:
-    """Tidy (stage, step, metric, value) rows from the stages' event logs."""
+    """Tidy (stage, group, variant, step, metric, value) rows from the stages' event logs: pre-training's loss,
+    learning rate and accuracy; each fine-tune's loss and accuracy, its pre-trained and from-scratch runs as two
+    lines of one panel (their learning-rate schedule is the same, and in MLflow)."""
     rows = []
     for stage, uri in stage_uris.items():
-        events = local_workdir(uri) / "events.jsonl"
-        if not events.exists():
+        events = storage.join(uri, "events.jsonl")  # written there by a local stage, uploaded by an S3 one
+        if not storage.exists(events):
             continue
-        for line in events.read_text().splitlines():
+        if stage == "pretrain":
+            group, variant, metrics = "pre-training", "pre-training", ("train/loss", "train/lr", "val/top1")
+        else:
+            group = stage.removeprefix("finetune:").removesuffix(":scratch")
+            variant = "from scratch" if stage.endswith(":scratch") else "pre-trained"
+            metrics = ("train/loss", "val/top1")
+        for line in storage.read_bytes(events).decode().splitlines():
             event = json.loads(line)
             if event.get("event") in ("metrics", "eval"):
                 rows += [
-                    {"stage": stage, "step": event["step"], "metric": k, "value": v}
+                    {"stage": stage, "group": group, "variant": variant, "step": event["step"], "metric": k, "value": v}
                     for k, v in event.items()
-                    if k in ("train/loss", "train/lr", "val/top1")
+                    if k in metrics
                 ]
-    return pd.DataFrame(rows, columns=["stage", "step", "metric", "value"])
+    return pd.DataFrame(rows, columns=["stage", "group", "variant", "step", "metric", "value"])
 
 
 def analysis_figures(
@@ -136,6 +153,93 @@ def analysis_figures(
     return figures
 
 
+def make_plots(
+    spec: dict[str, Any],
+    df: pd.DataFrame,
+    results: dict[str, Any],
+    pretrained: dict[str, Any] | None,
+    datasets: dict[str, dict[str, Any]],
+    model_uri: str | None,
+) -> dict[str, bytes]:
+    """Every figure of the report: training curves, the learning-rate sweep, few-shot accuracy and, when analysis
+    is on, the paper's Fig. 6/7 pictures for ``model_uri``."""
+    from vit import analysis
+
+    plots: dict[str, bytes] = {}
+    stages = {
+        f"finetune:{r['benchmark']}" + ("" if r["model"] != SCRATCH else ":scratch"): r["stage_uri"]
+        for r in results["finals"]
+        if r["seed"] == spec["transfer"]["finetune"]["seeds"][0]
+    }
+    if pretrained is not None:
+        stages = {"pretrain": pretrained["stage_uri"], **stages}
+    curves = training_curves(stages)
+    if not curves.empty:
+        plots["training curves"] = analysis.plot_training_curves(curves)
+    if results["sweeps"]:
+        sweep = pd.DataFrame(
+            [
+                {"benchmark": r["benchmark"], "lr": r["lr"], "accuracy": r["metrics"]["val/top1"]}
+                for r in results["sweeps"]
+                if r["model"] != SCRATCH
+            ]
+        )
+        plots["learning-rate sweep"] = analysis.plot_lr_sweep(sweep)
+    few = df[df["shots"].notna()]
+    if not few.empty:
+        few = few.assign(
+            dataset=few["benchmark"],
+            variant=few["pretrain"].map(lambda p: "from scratch" if p == SCRATCH else "pre-trained"),
+            accuracy=few["value"] / 100,
+        )
+        plots["few-shot accuracy"] = analysis.plot_fewshot(few[["dataset", "variant", "shots", "seed", "accuracy"]])
+    first = spec["transfer"]["benchmarks"][0] if spec["transfer"]["benchmarks"] else None
+    if spec["analysis"]["enabled"] and first is not None:
+        size = spec["pretrain"]["image_size"] if spec["pretrain"] else spec["transfer"]["finetune"]["image_size"]
+        if model_uri:
+            split = "test" if "test" in datasets[first["dataset"]["name"]]["splits"] else "val"
+            plots.update(
+                analysis_figures(
+                    model_uri,
+                    datasets[first["dataset"]["name"]]["uri"],
+                    split,
+                    size,
+                    spec["analysis"]["num_images"],
+                )
+            )
+    return plots
+
+
+def cached_plots(
+    spec: dict[str, Any],
+    df: pd.DataFrame,
+    results: dict[str, Any],
+    pretrained: dict[str, Any] | None,
+    datasets: dict[str, dict[str, Any]],
+    model_uri: str | None,
+) -> dict[str, bytes]:
+    """:func:`make_plots`, drawn once per distinct input: the figures are a stage of their own, keyed by the
+    results (without the run id), the stages whose curves they show and the analysed model, so an unchanged
+    re-run reads them back instead of running the model and matplotlib again."""
+    key = {
+        "results": hashlib.sha256(df.drop(columns="run").to_csv(index=False).encode()).hexdigest(),
+        "stages": sorted(r["stage_uri"] for r in results["finals"] + results["sweeps"]),
+        "pretrained": pretrained["stage_uri"] if pretrained else None,
+        "model": model_uri,
+        "analysis": spec["analysis"],
+    }
+    uri = stage_uri(spec["artifact_root"], "plots", spec["experiment"], key)
+    done = read_done(uri)
+    if done is not None:
+        return {name: storage.read_bytes(storage.join(uri, file)) for name, file in done["files"].items()}
+    plots = make_plots(spec, df, results, pretrained, datasets, model_uri)
+    files = {name: name.replace(" ", "_") + ".png" for name in plots}
+    for name, file in files.items():
+        storage.write_bytes(storage.join(uri, file), plots[name])
+    write_done(uri, {"files": files})
+    return plots
+
+
 @task(name="aggregate", cache_policy=NONE)
 def aggregate_task(
     spec: dict[str, Any],
@@ -147,7 +251,6 @@ def aggregate_task(
 ) -> dict[str, Any]:
     """``spec`` is the resolved BenchmarkSpec as JSON (artifact root filled in); ``model_uri`` the model the
     analysis figures are drawn for (the pre-trained one, or the checkpoint transfer started from)."""
-    from vit import analysis
     from vit.report import write_report
     from vit.results import RESULT_COLUMNS, results_frame, to_markdown, write_results
 
@@ -165,47 +268,7 @@ def aggregate_task(
         groups = {name: datasets[b["dataset"]["name"]].get("vtab_group") for name, b in benches.items()}
         headline = headline_metrics(df, groups)
 
-        plots: dict[str, bytes] = {}
-        stages = {
-            f"finetune:{r['benchmark']}" + ("" if r["model"] != SCRATCH else ":scratch"): r["stage_uri"]
-            for r in results["finals"]
-            if r["seed"] == spec["transfer"]["finetune"]["seeds"][0]
-        }
-        if pretrained is not None:
-            stages = {"pretrain": pretrained["stage_uri"], **stages}
-        curves = training_curves(stages)
-        if not curves.empty:
-            plots["training curves"] = analysis.plot_training_curves(curves)
-        if results["sweeps"]:
-            sweep = pd.DataFrame(
-                [
-                    {"benchmark": r["benchmark"], "lr": r["lr"], "accuracy": r["metrics"]["val/top1"]}
-                    for r in results["sweeps"]
-                    if r["model"] != SCRATCH
-                ]
-            )
-            plots["learning-rate sweep"] = analysis.plot_lr_sweep(sweep)
-        few = df[df["shots"].notna()]
-        if not few.empty:
-            few = few.assign(
-                dataset=few["benchmark"] + few["pretrain"].map(lambda p: " (scratch)" if p == SCRATCH else ""),
-                accuracy=few["value"] / 100,
-            )
-            plots["few-shot accuracy"] = analysis.plot_fewshot(few[["dataset", "shots", "seed", "accuracy"]])
-        first = spec["transfer"]["benchmarks"][0] if spec["transfer"]["benchmarks"] else None
-        if spec["analysis"]["enabled"] and first is not None:
-            size = spec["pretrain"]["image_size"] if spec["pretrain"] else spec["transfer"]["finetune"]["image_size"]
-            if model_uri:
-                split = "test" if "test" in datasets[first["dataset"]["name"]]["splits"] else "val"
-                plots.update(
-                    analysis_figures(
-                        model_uri,
-                        datasets[first["dataset"]["name"]]["uri"],
-                        split,
-                        size,
-                        spec["analysis"]["num_images"],
-                    )
-                )
+        plots = cached_plots(spec, df, results, pretrained, datasets, model_uri)
 
         meta = {
             "MLflow run": run_id,
@@ -235,8 +298,8 @@ def aggregate_task(
             markdown = (out / "report.md").read_text()
         tracker.log_metrics(run, headline)
         _prefect_artifacts(df, markdown, target, ctx)
-        table = to_markdown(_summary_table(df), index=False)
-        logger.info("results of %s:\n%s", spec["experiment"], table)
+        table = to_markdown(_summary_table(df), index=False)  # printed by the CLI, an artifact in the UI
+        logger.info("results of %s: %d rows (the flow run's `results-table` artifact)", spec["experiment"], len(df))
     except BaseException:
         finish_stage_run(tracker, run, "FAILED")
         raise
@@ -251,12 +314,18 @@ def aggregate_task(
 
 
 def _summary_table(df: pd.DataFrame) -> pd.DataFrame:
-    """Benchmark x (pre-training, shots) mean accuracy: what the CLI prints at the end of a run."""
+    """Benchmark x (pre-training, fine-tune or k-shot) mean accuracy: what the CLI prints at the end of a run.
+    Columns read left to right: the pre-trained model's fine-tune then its shots in increasing order, then the
+    from-scratch baseline the same way."""
     if df.empty:
         return pd.DataFrame({"benchmark": []})
-    settings = [p + ("" if pd.isna(s) else f" {int(s)}-shot") for p, s in zip(df["pretrain"], df["shots"], strict=True)]
-    df = df.assign(setting=settings)
-    return df.pivot_table(index="benchmark", columns="setting", values="value", aggfunc="mean").reset_index()
+    labels, order = [], {}
+    for pretrain, shots in zip(df["pretrain"], df["shots"], strict=True):
+        labels.append(f"{pretrain} " + ("fine-tune" if pd.isna(shots) else f"{int(shots)}-shot"))
+        order[labels[-1]] = (pretrain == SCRATCH, -1 if pd.isna(shots) else int(shots))
+    df = df.assign(setting=labels)
+    table = df.pivot_table(index="benchmark", columns="setting", values="value", aggfunc="mean")
+    return table[sorted(table.columns, key=order.__getitem__)].reset_index().rename_axis(columns=None)
 
 
 def _prefect_artifacts(df: pd.DataFrame, markdown: str, target: str, ctx: TrackingContext) -> None:

@@ -22,8 +22,10 @@ def default_tracking_uri() -> str:
 
 def configure_environment() -> None:
     """Defaults that must be in place before Prefect is imported: Prefect's home inside ``VITFLOW_HOME`` (created
-    here, Prefect would not create its parents), and no analytics calls from the offline machine."""
+    here, Prefect would not create its parents), no analytics calls from the offline machine, and a temporary
+    Prefect server (no ``PREFECT_API_URL``) given time to start on a busy laptop (Prefect's own 20 s is not)."""
     if "PREFECT_HOME" not in os.environ:
         os.environ["PREFECT_HOME"] = str(vitflow_home() / "prefect")
     Path(os.environ["PREFECT_HOME"]).expanduser().mkdir(parents=True, exist_ok=True)
     os.environ.setdefault("PREFECT_SERVER_ANALYTICS_ENABLED", "false")
+    os.environ.setdefault("PREFECT_SERVER_EPHEMERAL_STARTUP_TIMEOUT_SECONDS", "120")

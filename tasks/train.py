@@ -8,6 +8,7 @@ metrics stream into the stage's MLflow run.
 
 from __future__ import annotations
 
+import time
 from typing import Any
 
 from prefect import task
@@ -15,9 +16,9 @@ from prefect.cache_policies import NONE
 
 from tasks.common import (
     TrackingContext,
+    claim_stage,
     finish_stage_run,
     local_workdir,
-    read_done,
     run_logger,
     stage_uri,
     start_stage_run,
@@ -30,26 +31,60 @@ from tasks.tracking import flatten, forward_events
 from vit import storage
 
 
-def _progress(total: int):
-    """A Prefect progress artifact updated from training events (a no-op outside a run)."""
-    try:
-        from prefect.artifacts import create_progress_artifact, update_progress_artifact
+class _Progress:
+    """Training progress for people: a Prefect progress artifact (when in a run) and, at most every
+    ``every_s`` seconds, a log line with step, loss, throughput and the time left."""
 
-        artifact_id = create_progress_artifact(0.0, description="training progress (%)")
-    except Exception:  # noqa: BLE001 - outside a Prefect run
-        return lambda step: None
+    def __init__(self, name: str, total: int, log: Any, every_s: float = 20.0):
+        self.name, self.total, self.log, self.every_s = name, max(total, 1), log, every_s
+        self.started = time.monotonic()
+        self.first_step: int | None = None
+        self.last_log = 0.0
+        self.artifact_id = None
+        from prefect.context import TaskRunContext
 
-    def update(step: int) -> None:
-        update_progress_artifact(artifact_id, min(100.0, 100.0 * step / max(total, 1)))
+        if TaskRunContext.get() is not None:  # outside a run the call would start a temporary Prefect server
+            from prefect.artifacts import create_progress_artifact
 
-    return update
+            self.artifact_id = create_progress_artifact(0.0, description="training progress (%)")
+
+    def __call__(self, event: dict[str, Any]) -> None:
+        step = int(event["step"])
+        if self.artifact_id is not None:
+            from prefect.artifacts import update_progress_artifact
+
+            update_progress_artifact(self.artifact_id, min(100.0, 100.0 * step / self.total))
+        now = time.monotonic()
+        if self.first_step is None:
+            self.first_step, self.started = step, now
+            return
+        if now - self.last_log < self.every_s and step < self.total:
+            return
+        self.last_log = now
+        rate = (step - self.first_step) / max(now - self.started, 1e-9)  # resumed runs count from their start
+        left = (self.total - step) / rate if rate > 0 else float("nan")
+        self.log(
+            "%s: step %d/%d (%d%%) · loss %.3f · %.0f img/s · %s left",
+            self.name,
+            step,
+            self.total,
+            100 * step // self.total,
+            event.get("train/loss", float("nan")),
+            event.get("train/images_per_s", float("nan")),
+            f"{left // 60:.0f}m{left % 60:02.0f}s" if left == left else "?",
+        )
 
 
 def _system_metrics(run_id: str | None, tracking_uri: str):
     if run_id is None:
         return None
     try:
+        import logging
+
         from mlflow.system_metrics.system_metrics_monitor import SystemMetricsMonitor
+
+        # its start/stop/skip-GPU INFO lines repeat for every stage and drown the flow's own log
+        logging.getLogger("mlflow.system_metrics").setLevel(logging.WARNING)
 
         monitor = SystemMetricsMonitor(run_id, sampling_interval=10, tracking_uri=tracking_uri)
         monitor.start()
@@ -79,68 +114,72 @@ def train_task(
     logger = run_logger()
     ctx = TrackingContext(**tracking)
     uri = stage_uri(artifact_root, kind, run_name, key)
-    done = read_done(uri)
-    stage_tags = {**(tags or {}), "vitflow.stage_uri": uri, "vitflow.cached": str(done is not None).lower()}
-    tracker, run = start_stage_run(ctx, run_name, kind, stage_tags, params=flatten(config))
-    for ref in datasets:
-        log_dataset_input(tracker, run, ref, "training" if ref is datasets[0] else "evaluation")
-    if done is not None:
-        logger.info("%s: finished earlier, reusing %s", run_name, uri)
-        tracker.log_metrics(run, done["metrics"], done.get("step"))
-        tracker.set_tags(run, {"vitflow.model_uri": done["model_uri"]})
+    with claim_stage(uri) as done:  # one run trains a stage at a time; a concurrent one waits and reuses it
+        stage_tags = {**(tags or {}), "vitflow.stage_uri": uri, "vitflow.cached": str(done is not None).lower()}
+        tracker, run = start_stage_run(ctx, run_name, kind, stage_tags, params=flatten(config))
+        for ref in datasets:
+            log_dataset_input(tracker, run, ref, "training" if ref is datasets[0] else "evaluation")
+        if done is not None:
+            logger.info("%s: finished earlier, reusing %s", run_name, uri)
+            tracker.log_metrics(run, done["metrics"], done.get("step"))
+            tracker.set_tags(run, {"vitflow.model_uri": done["model_uri"]})
+            finish_stage_run(tracker, run)
+            return done
+
+        cfg = TrainConfig.from_dict(config)
+        cfg.checkpoint.dir = storage.join(uri, "checkpoints")
+        progress = None
+        monitor = _system_metrics(run.id, ctx.tracking_uri)
+
+        def on_event(event: dict[str, Any]) -> None:
+            nonlocal progress
+            forward_events(tracker, run, [event])
+            if event["event"] == "start":
+                progress = _Progress(run_name, event["total_steps"], logger.info)
+                if event.get("resumed_from"):
+                    logger.info("%s: resuming from the checkpoint at step %s", run_name, event["resumed_from"])
+                    tracker.set_tags(run, {"vitflow.resumed_from": event["resumed_from"]})
+            elif event["event"] == "metrics" and progress is not None:
+                progress(event)
+            elif event["event"] == "warning":
+                logger.warning("%s: %s", run_name, event.get("message"))
+
+        try:
+            job = Launch(**launch)
+            with job.slots():
+                result = run_training(cfg, local_workdir(uri), job, on_event, logger.info)
+            metrics = {k: v for k, v in result["eval"].items() if k.startswith("val/") and k != "val/count"}
+            if test is not None:
+                metrics.update(_test_metrics(result["model_uri"], cfg.data.dataset, test, cfg.batch_size))
+            tracker.log_metrics(run, metrics, result["step"])
+            tracker.set_tags(run, {"vitflow.model_uri": result["model_uri"]})
+            if storage.is_s3(uri):  # the event log beside the checkpoints, for the curves of later reports
+                storage.upload(local_workdir(uri) / "events.jsonl", storage.join(uri, "events.jsonl"))
+            version = None
+            if register:
+                version = register_model(
+                    ctx.tracking_uri, register["name"], register["alias"], result["model_uri"], run.id
+                )
+                tracker.set_tags(run, {"vitflow.registered_model": f"models:/{register['name']}@{register['alias']}"})
+            done = {
+                "kind": kind,
+                "name": run_name,
+                "stage_uri": uri,
+                "model_uri": result["model_uri"],
+                "metrics": metrics,
+                "step": result["step"],
+                "run_id": run.id,
+                "model_version": version,
+            }
+            write_done(uri, done)
+        except BaseException:
+            finish_stage_run(tracker, run, "FAILED")
+            raise
+        finally:
+            if monitor is not None:
+                monitor.finish()
         finish_stage_run(tracker, run)
         return done
-
-    cfg = TrainConfig.from_dict(config)
-    cfg.checkpoint.dir = storage.join(uri, "checkpoints")
-    progress = None
-    monitor = _system_metrics(run.id, ctx.tracking_uri)
-
-    def on_event(event: dict[str, Any]) -> None:
-        nonlocal progress
-        forward_events(tracker, run, [event])
-        if event["event"] == "start":
-            progress = _progress(event["total_steps"])
-            if event.get("resumed_from"):
-                logger.info("%s: resuming from the checkpoint at step %s", run_name, event["resumed_from"])
-                tracker.set_tags(run, {"vitflow.resumed_from": event["resumed_from"]})
-        elif event["event"] == "metrics" and progress is not None:
-            progress(event["step"])
-        elif event["event"] == "warning":
-            logger.warning("%s: %s", run_name, event.get("message"))
-
-    try:
-        job = Launch(**launch)
-        with job.slots():
-            result = run_training(cfg, local_workdir(uri), job, on_event, logger.info)
-        metrics = {k: v for k, v in result["eval"].items() if k.startswith("val/") and k != "val/count"}
-        if test is not None:
-            metrics.update(_test_metrics(result["model_uri"], cfg.data.dataset, test, cfg.batch_size))
-        tracker.log_metrics(run, metrics, result["step"])
-        tracker.set_tags(run, {"vitflow.model_uri": result["model_uri"]})
-        version = None
-        if register:
-            version = register_model(ctx.tracking_uri, register["name"], register["alias"], result["model_uri"], run.id)
-            tracker.set_tags(run, {"vitflow.registered_model": f"models:/{register['name']}@{register['alias']}"})
-        done = {
-            "kind": kind,
-            "name": run_name,
-            "stage_uri": uri,
-            "model_uri": result["model_uri"],
-            "metrics": metrics,
-            "step": result["step"],
-            "run_id": run.id,
-            "model_version": version,
-        }
-        write_done(uri, done)
-    except BaseException:
-        finish_stage_run(tracker, run, "FAILED")
-        raise
-    finally:
-        if monitor is not None:
-            monitor.finish()
-    finish_stage_run(tracker, run)
-    return done
 
 
 def _test_metrics(model_uri: str, dataset_uri: str, test: dict[str, Any], batch_size: int) -> dict[str, float]:

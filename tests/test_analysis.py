@@ -187,6 +187,11 @@ def test_every_plot_writes_a_readable_png(tmp_path):
         "curves": lambda p: A.plot_training_curves(curves, p),
         "sweep": lambda p: A.plot_lr_sweep(sweep, p),
         "fewshot": lambda p: A.plot_fewshot(fewshot, p),
+        # small multiples: pre-trained and from-scratch runs of one benchmark share a panel
+        "curves-grouped": lambda p: A.plot_training_curves(
+            curves.assign(group="cifar10", variant=curves["stage"].map({"pretrain": "a", "finetune:cifar10": "b"})), p
+        ),
+        "fewshot-variants": lambda p: A.plot_fewshot(fewshot.assign(variant=fewshot["seed"].map(str)), p),
     }
     for name, plot in plots.items():
         path = tmp_path / "plots" / f"{name}.png"

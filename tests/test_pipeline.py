@@ -147,17 +147,17 @@ def test_benchmark_end_to_end_on_s3_and_mlflow_server(prefect_server, mlflow_ser
         "prepare:synthetic-upstream",
         "pretrain:vit_micro_4",
         "aggregate",
-        "finetune:synth/natural_objects:lr=0.01",
-        "finetune:synth/structured_count:lr=0.01:scratch",
+        "finetune:synth/natural_objects:lr=0.03",
+        "finetune:synth/structured_count:lr=0.03:scratch",
         "fewshot:synth/natural_objects",
         "fewshot:synth/structured_count:scratch",
     } <= set(runs)
     pretrain = runs["pretrain:vit_micro_4"]
     losses = client.get_metric_history(pretrain.info.run_id, "train/loss")
     assert [m.step for m in losses] == [10, 20, 24]
-    assert pretrain.data.params["optim.lr"] == "0.001"
+    assert pretrain.data.params["optim.lr"] == "0.002"
     assert pretrain.inputs.dataset_inputs[0].dataset.name == "synthetic-upstream"
-    final = runs["finetune:synth/natural_objects:lr=0.01"]
+    final = runs["finetune:synth/natural_objects:lr=0.03"]
     assert 0.0 <= final.data.metrics["test/top1"] <= 1.0 and final.data.metrics["test/count"] == 60
     assert "fewshot/synth/natural_objects/5shot" in runs["fewshot:synth/natural_objects"].data.metrics
     # the pre-trained model is registered with an alias that resolves to its checkpoint in S3
@@ -187,6 +187,24 @@ def test_benchmark_end_to_end_on_s3_and_mlflow_server(prefect_server, mlflow_ser
     assert find_runs(mlflow_server, "pipeline-test", last=2) == [second["run_id"], first["run_id"]]
     table = compare(mlflow_server, [first["run_id"], second["run_id"]], threshold=1.0)
     assert not table["regressed"].any() and (table[f"Δ {second['run_id']}"] == 0).all()
+
+    # the `report` and `compare` commands on the same runs, through the CLI
+    from typer.testing import CliRunner
+
+    from flows.cli import app
+
+    runner = CliRunner(env={"MLFLOW_TRACKING_URI": mlflow_server})
+    rebuilt = runner.invoke(app, ["report", first["run_id"], "--output", str(tmp_path / "report")])
+    assert rebuilt.exit_code == 0, rebuilt.output
+    html = (tmp_path / "report" / "report.html").read_text()
+    assert "synth/natural_objects" in html and "data:image/png;base64," in html
+    assert "| benchmark" in (tmp_path / "report" / "report.md").read_text()
+    side_by_side = runner.invoke(app, ["compare", "--experiment", "pipeline-test", "--last", "2", "--format", "csv"])
+    assert side_by_side.exit_code == 0, side_by_side.output
+    assert first["run_id"] in side_by_side.output and second["run_id"] in side_by_side.output
+    assert "REGRESSED" not in side_by_side.output
+    missing = runner.invoke(app, ["report", "0" * 32, "--output", str(tmp_path / "none")])
+    assert missing.exit_code == 2
 
 
 def test_killed_run_resumes_from_its_checkpoint(tmp_path):

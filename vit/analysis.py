@@ -22,6 +22,7 @@ import numpy as np
 import pandas as pd
 import scipy.ndimage
 import torch
+from matplotlib.axes import Axes
 from matplotlib.figure import Figure
 from matplotlib.ticker import FixedFormatter, FixedLocator
 from PIL import Image
@@ -355,36 +356,58 @@ def _panel(metric: str) -> str:
     return "other"
 
 
-def plot_training_curves(curves: pd.DataFrame, path: PathLike | None = None, title: str = "Training curves") -> bytes:
-    """Loss, learning rate and accuracy against step: one row per stage, one panel per kind of metric.
+def _small_multiples(n: int, ncols: int, width: float, height: float, title: str) -> tuple[Figure, list[Axes]]:
+    """A figure of ``n`` panels in rows of at most ``ncols``."""
+    ncols = max(1, min(ncols, n))
+    nrows = math.ceil(n / ncols)
+    fig = Figure(figsize=(width * ncols, height * nrows + 0.6), layout="constrained")
+    fig.suptitle(title)
+    return fig, [fig.add_subplot(nrows, ncols, i + 1) for i in range(n)]
 
-    ``curves`` is tidy: columns ``step``, ``metric`` (e.g. ``train/loss``, ``train/lr``, ``val/top1``), ``value``,
-    ``stage`` (e.g. ``pretrain``, ``finetune:cifar10``). Metrics that are none of the three go to an "other" panel.
+
+def _line_styles(variants: pd.Series) -> dict[str, dict[str, str]]:
+    """The same colour and dash for a variant in every panel, in the order the variants first appear."""
+    return {
+        v: {"color": f"C{i % 10}", "linestyle": ("-", "--", ":", "-.")[i % 4]}
+        for i, v in enumerate(dict.fromkeys(variants))
+    }
+
+
+def plot_training_curves(curves: pd.DataFrame, path: PathLike | None = None, title: str = "Training curves") -> bytes:
+    """Loss, learning rate and accuracy against step as small multiples: one panel per (group, kind of metric).
+
+    ``curves`` is tidy: columns ``step``, ``metric`` (e.g. ``train/loss``, ``train/lr``, ``val/top1``), ``value``
+    and ``stage`` (e.g. ``pretrain``, ``finetune:cifar10``). Optional ``group`` and ``variant`` columns put several
+    stages in one panel, a line each (e.g. group ``cifar10``, variants ``pre-trained`` and ``from scratch``);
+    without them every stage is its own group. Metrics that are none of the three go to an "other" panel.
     """
     missing = {"step", "metric", "value", "stage"} - set(curves.columns)
     if missing or curves.empty:
         raise ValueError(f"curves need rows and the columns step, metric, value, stage (missing {sorted(missing)})")
-    curves = curves.assign(panel=curves["metric"].map(_panel))
-    stages = list(dict.fromkeys(curves["stage"]))
-    panels = [p for p in _PANELS if (curves["panel"] == p).any()]
-    fig = Figure(figsize=(4.4 * len(panels), 3.0 * len(stages) + 0.5), layout="constrained")
-    fig.suptitle(title)
-    for r, stage in enumerate(stages):
-        for c, panel in enumerate(panels):
-            ax = fig.add_subplot(len(stages), len(panels), r * len(panels) + c + 1)
-            rows = curves[(curves["stage"] == stage) & (curves["panel"] == panel)]
-            ax.set_title(f"{stage}: {panel}", fontsize="medium")
-            if rows.empty:
-                ax.text(0.5, 0.5, "not logged", ha="center", va="center", transform=ax.transAxes, color="grey")
-                ax.set_xticks([])
-                ax.set_yticks([])
-                continue
-            for metric, series in rows.groupby("metric", sort=True):
-                series = series.sort_values("step")
-                ax.plot(series["step"], series["value"], label=metric, linewidth=1.4)
-            ax.set_xlabel("Step")
-            ax.set_ylabel(panel.capitalize())
-            ax.grid(alpha=0.3)
+    curves = curves.assign(
+        panel=curves["metric"].map(_panel),
+        group=curves["group"] if "group" in curves.columns else curves["stage"],
+        variant=curves["variant"] if "variant" in curves.columns else curves["metric"],
+    )
+    cells = [
+        (group, panel)
+        for group in dict.fromkeys(curves["group"])
+        for panel in _PANELS
+        if ((curves["group"] == group) & (curves["panel"] == panel)).any()
+    ]
+    style = _line_styles(curves["variant"])
+    fig, axes = _small_multiples(len(cells), ncols=4, width=3.6, height=2.7, title=title)
+    for ax, (group, panel) in zip(axes, cells, strict=True):
+        rows = curves[(curves["group"] == group) & (curves["panel"] == panel)]
+        variants = [v for v in style if (rows["variant"] == v).any()]
+        for variant in variants:
+            series = rows[rows["variant"] == variant].sort_values("step")
+            ax.plot(series["step"], series["value"], label=str(variant), linewidth=1.4, **style[variant])
+        ax.set_title(f"{group}: {panel}", fontsize="medium")
+        ax.set_xlabel("Step")
+        ax.set_ylabel(panel.capitalize())
+        ax.grid(alpha=0.3)
+        if len(variants) > 1:
             ax.legend(fontsize="small")
     return _png(fig, path)
 
@@ -427,25 +450,44 @@ def plot_lr_sweep(sweep: pd.DataFrame, path: PathLike | None = None, title: str 
 
 
 def plot_fewshot(results: pd.DataFrame, path: PathLike | None = None, title: str = "Few-shot linear accuracy") -> bytes:
-    """Accuracy against shots per class, one line per dataset, mean ± std over seeds as error bars.
+    """Accuracy against shots per class (log x), mean ± std over seeds as error bars.
 
-    ``results``: ``fewshot_evaluate`` frames with a ``dataset`` column (columns dataset, shots, seed, accuracy).
+    ``results`` has columns dataset, shots, seed, accuracy (in [0, 1]). Without a ``variant`` column every dataset is
+    a line of one panel; with one (e.g. ``pre-trained`` / ``from scratch``) every dataset gets its own panel with a
+    line per variant, so the comparison is read off one panel at a time.
     """
-    fig = Figure(figsize=(6.8, 4.6), layout="constrained")
-    ax = fig.add_subplot()
-    for dataset, rows in results.groupby("dataset", sort=True):
-        stats = rows.groupby("shots")["accuracy"].agg(["mean", "std"]).fillna(0.0)
-        ax.errorbar(
-            stats.index, 100 * stats["mean"], yerr=100 * stats["std"], marker="o", capsize=4, label=str(dataset)
-        )
+    by_panel = "variant" in results.columns
+    panels = list(dict.fromkeys(sorted(results["dataset"]))) if by_panel else [title]
+    if by_panel:
+        fig, axes = _small_multiples(len(panels), ncols=4, width=3.4, height=2.8, title=title)
+    else:
+        fig = Figure(figsize=(6.8, 4.6), layout="constrained")
+        axes = [fig.add_subplot()]
     shots = np.sort(results["shots"].unique())
-    ax.set_xscale("log")
-    ax.xaxis.set_major_locator(FixedLocator(shots))
-    ax.xaxis.set_major_formatter(FixedFormatter([str(s) for s in shots]))
-    ax.xaxis.set_minor_locator(FixedLocator([]))
-    ax.set_xlabel("Training images per class (shots, log scale)")
-    ax.set_ylabel("Accuracy (%), mean ± std over seeds")
-    ax.set_title(title)
-    ax.grid(alpha=0.3)
-    ax.legend(fontsize="small")
+    style = _line_styles(results["variant"]) if by_panel else {}
+    for ax, panel in zip(axes, panels, strict=True):
+        rows = results[results["dataset"] == panel] if by_panel else results
+        key = "variant" if by_panel else "dataset"
+        for label, part in rows.groupby(key, sort=not by_panel):
+            stats = part.groupby("shots")["accuracy"].agg(["mean", "std"]).fillna(0.0)
+            ax.errorbar(
+                stats.index,
+                100 * stats["mean"],
+                yerr=100 * stats["std"],
+                marker="o",
+                capsize=3,
+                label=str(label),
+                **style.get(label, {}),
+            )
+        ax.set_xscale("log")
+        ax.xaxis.set_major_locator(FixedLocator(shots))
+        ax.xaxis.set_major_formatter(FixedFormatter([str(s) for s in shots]))
+        ax.xaxis.set_minor_locator(FixedLocator([]))
+        ax.set_xlabel("Shots per class (log scale)")
+        ax.set_ylabel("Accuracy (%)")
+        ax.set_title(panel, fontsize="medium" if by_panel else "large")
+        ax.grid(alpha=0.3)
+        ax.legend(fontsize="small")
+    if not by_panel:
+        axes[0].set_ylabel("Accuracy (%), mean ± std over seeds")
     return _png(fig, path)
