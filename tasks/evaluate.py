@@ -104,7 +104,9 @@ def fewshot_task(
     """Few-shot accuracy per (shots, seed); features are extracted once and reused for every shot and seed."""
     logger = run_logger()
     key = _fewshot_key(model_uri, dataset, train_split, test_split, shots, seeds, l2, image_size)
-    uri = stage_uri(artifact_root, "fewshot", f"{benchmark}-{model_label}", key)
+    uri = fewshot_stage_uri(
+        benchmark, model_label, model_uri, dataset, train_split, test_split, shots, seeds, l2, image_size, artifact_root
+    )
     done = read_done(uri)
     name = f"fewshot:{benchmark}" + ("" if model_label == "pretrained" else f":{model_label}")
     tracker, run = start_stage_run(
