@@ -348,8 +348,25 @@ def start(service: Service, home: Path) -> int:
     pid = os.posix_spawn(
         service.argv[0], service.argv, service.env, file_actions=actions, setsid=True, setsigdef=(signal.SIGPIPE,)
     )
+    wait_for_exec(pid)
     pid_file(home, service.name).write_text(f"{pid}\n")
     return pid
+
+
+def wait_for_exec(pid: int, timeout: float = 5.0) -> None:
+    """Return once the new program's command line is readable (or the child is gone). ``posix_spawn`` returns as
+    soon as the child has dropped the parent's memory, which is before the kernel has set up the new program's
+    arguments and environment: in that window ``/proc/<pid>/cmdline`` is empty and ``is_stack_process`` would
+    take the starting service for a dead one."""
+    deadline = time.monotonic() + timeout
+    while time.monotonic() < deadline:
+        try:
+            proc = psutil.Process(pid)
+            if proc.status() == psutil.STATUS_ZOMBIE or proc.cmdline():
+                return
+        except psutil.NoSuchProcess:
+            return
+        time.sleep(0.005)
 
 
 def group_members(pgid: int) -> list[psutil.Process]:

@@ -182,6 +182,21 @@ def test_down_leaves_foreign_pids_alone(tmp_path):
     assert not list(root.glob("*.pid"))
 
 
+def test_a_just_started_service_is_recognised_at_once(tmp_path):
+    """``start`` returns only once the new program is visible: right after ``posix_spawn`` the command line and
+    environment of the 150 MB ``weed`` binary are often still empty, which made ``up`` report a healthy SeaweedFS
+    as "exited during start-up"."""
+    for folder in ("logs", "run", "seaweedfs"):
+        (stack.stack_dir(tmp_path) / folder).mkdir(parents=True)
+    service = stack.build_services(tmp_path, pick_ports(), ("vitflow-test", "vitflow-test-secret"), "unused")
+    for _ in range(20):  # the window is short: it showed in about half of the starts on a busy machine
+        pid = stack.start(service["seaweedfs"], tmp_path)
+        try:
+            assert stack.is_stack_process(pid, "seaweedfs", tmp_path)
+        finally:
+            stack.stop_groups([pid], timeout=10)
+
+
 def test_down_stops_everything_and_s3_data_survives_restart(running):
     home = running.home
     s3(running).put_object(Bucket="vitflow-artifacts", Key="survivor.txt", Body=b"still here")
