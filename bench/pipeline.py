@@ -6,9 +6,10 @@ stages' compute is read afterwards from what the run itself recorded:
 
 * every stage's MLflow child run (``vitflow.stage`` tag; start and end time): dataset preparation, few-shot and
   aggregation count as compute for their whole run;
-* for the training stages (pre-training, fine-tunes), only the engine's loop counts, from its ``start`` to its
-  ``end`` event in the stage's ``events.jsonl``; the rest of such a child run (the training subprocess's start-up,
-  saving the weights, test evaluation, model registration, metric logging) is overhead.
+* for the training stages (pre-training, fine-tunes), only the engine's loop (from its ``start`` to its ``end``
+  event in the stage's ``events.jsonl``) and the test-set evaluation (its ``test`` event) count; the rest of such
+  a child run (starting the training process, saving the weights, model registration, metric logging) is
+  overhead.
 
 Overhead = wall - the union over time of the compute intervals: an instant when any stage computes counts as
 compute (with two fine-tunes in parallel, one's bookkeeping hidden behind the other's training is not overhead).
@@ -49,7 +50,7 @@ QUICK = [
 ]
 TRAINING_STAGES = ("pretrain", "finetune")
 BEFORE_LOOP = "training stages before the loop (subprocess start-up, imports, data and model set-up)"
-AFTER_LOOP = "training stages after the loop (weights, test evaluation, registration, metrics)"
+AFTER_LOOP = "training stages after the loop (weights, registration, metrics)"
 REUSED = "stages found finished and reused"
 BEFORE, BETWEEN, AFTER = "before the first stage", "between stages", "after the last stage"
 CATEGORIES = [BEFORE_LOOP, AFTER_LOOP, REUSED, BEFORE, BETWEEN, AFTER]
@@ -79,21 +80,27 @@ def stage_runs(home: Path, start: float, end: float) -> list[dict[str, Any]]:
     return runs
 
 
-def training_loop(workdir: str | None, start: float, end: float) -> tuple[float, float] | None:
-    """[start, end] of the engine's loop in this window, from the stage's ``events.jsonl`` (None: it did not run)."""
+def training_compute(workdir: str | None, start: float, end: float) -> list[tuple[float, float]]:
+    """The compute of a training stage in this window, from its ``events.jsonl``: the engine's loop (``start`` to
+    ``end`` event) and the test-set evaluation (``test`` event); empty if it did not run."""
     if not workdir:
-        return None
+        return []
     events = storage.local_path(workdir) / "events.jsonl"  # the demo's artifact store is local
     if not events.exists():
-        return None
+        return []
     times: dict[str, list[float]] = defaultdict(list)
+    spans = []
     for line in events.read_text().splitlines():
         event = json.loads(line)
-        if event["event"] in ("start", "end") and start <= event["time"] <= end:
+        if not start <= event["time"] <= end:
+            continue
+        if event["event"] in ("start", "end"):
             times[event["event"]].append(event["time"])
-    if not times["start"] or not times["end"]:
-        return None
-    return min(times["start"]), max(times["end"])
+        elif event["event"] == "test":
+            spans.append((event["start"], event["time"]))
+    if times["start"] and times["end"]:
+        spans.append((min(times["start"]), max(times["end"])))
+    return spans
 
 
 def union_length(intervals: list[tuple[float, float]]) -> float:
@@ -148,9 +155,11 @@ def analyse(home: Path, start: float, end: float) -> dict[str, Any]:
     spans: list[tuple[str, float, float]] = []
     per_stage: dict[str, list[float]] = defaultdict(lambda: [0, 0, 0.0, 0.0])  # runs, reused, run s, compute s
     for r in runs:
-        loop = training_loop(r["workdir"], r["start"], r["end"]) if r["stage"] in TRAINING_STAGES else None
-        if loop:
-            mine = [("compute", *loop), (BEFORE_LOOP, r["start"], loop[0]), (AFTER_LOOP, loop[1], r["end"])]
+        compute = training_compute(r["workdir"], r["start"], r["end"]) if r["stage"] in TRAINING_STAGES else []
+        if compute:
+            first = min(s for s, _ in compute)  # compute outranks the overhead categories in ``timeline``
+            mine = [("compute", s, e) for s, e in compute]
+            mine += [(BEFORE_LOOP, r["start"], first), (AFTER_LOOP, first, r["end"])]
         elif r["cached"] or r["stage"] in TRAINING_STAGES:  # found finished (or no loop recorded): bookkeeping
             mine = [(REUSED, r["start"], r["end"])]
         else:

@@ -15,8 +15,8 @@ from typing import Annotated
 import typer
 
 from flows import commands, stack
-from vit.data import FORMATS, CorruptDataError, DataError, open_dataset, prepare_dataset
-from vit.data.sources import parse_source
+from vit.data.base import CorruptDataError, DataError
+from vit.data.sources import FORMATS, parse_source
 
 app = typer.Typer(
     help=(
@@ -122,6 +122,8 @@ def prepare(
     seed: Annotated[int, typer.Option(help="Seed of the minival split and the shard order.")] = 0,
     option: Annotated[list[str] | None, typer.Option("--option", "-o", help="key=value, repeatable.")] = None,
 ) -> None:
+    from vit.data import prepare_dataset  # here: torch is slow to import, and --help does not need it
+
     try:
         options = parse_options(option or [])
         if download_:
@@ -147,6 +149,8 @@ def info(
     uri: Annotated[str, typer.Argument(help="Dataset URI, or `ROOT/datasets/NAME` for its newest version.")],
     as_json: Annotated[bool, typer.Option("--json", help="Print info.json as it is.")] = False,
 ) -> None:
+    from vit.data import open_dataset
+
     try:
         ds = open_dataset(uri)
     except DataError as exc:

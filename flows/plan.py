@@ -22,6 +22,7 @@ def launch(spec: BenchmarkSpec) -> dict[str, Any]:
         "rdzv_endpoint": c.rdzv_endpoint,
         "threads": c.threads_per_job,
         "gpu_slots_limit": c.gpu_slots_limit,
+        "prefork": c.prefork,
     }
 
 

@@ -184,6 +184,11 @@ class ComputeSpec(Spec):
     num_workers: int = Field(0, ge=0)
     max_parallel: int = Field(1, ge=1, description="fine-tunes run at once (local dispatch)")
     threads_per_job: int | None = Field(None, ge=1)
+    prefork: bool = Field(
+        True,
+        description="fork each single-process training stage from a server that has imported torch and the engine "
+        "once (saves seconds per stage); false: a fresh `python -m vit.engine` per stage",
+    )
     dispatch: Literal["local", "deployments"] = "local"
     gpu_slots_limit: str | None = Field(
         None,

@@ -1,8 +1,10 @@
-"""Run ``python -m vit.engine`` in a subprocess (``torchrun`` for several processes) and stream it back.
+"""Run ``python -m vit.engine`` in a child process (``torchrun`` for several processes) and stream it back.
 
-The child writes JSON-lines events (metrics, evaluations, checkpoints) to a file this process tails while it
-streams the child's stdout/stderr into a logger; the supervising Prefect task forwards the events to MLflow. A
-training crash therefore never takes the orchestrator down, and a re-launch resumes from the last checkpoint.
+A single-process run is forked from ``vit.engine.prefork``'s server, which has imported torch and the engine
+already (``Launch(prefork=False)``: a fresh interpreter each time). The child writes JSON-lines events (metrics,
+evaluations, checkpoints) and its output to files this process tails: the events go to the supervising Prefect
+task, which forwards them to MLflow, the output to its logger. A training crash therefore never takes the
+orchestrator down, and a re-launch resumes from the last checkpoint.
 """
 
 from __future__ import annotations
@@ -12,14 +14,13 @@ import json
 import os
 import subprocess
 import sys
-import threading
-import time
 from collections import deque
 from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
+from vit.engine import prefork
 from vit.engine.config import TrainConfig
 
 EXIT_NONFINITE, EXIT_PREEMPTED = 3, 143
@@ -38,6 +39,7 @@ class Launch:
     rdzv_endpoint: str | None = None
     threads: int | None = None  # OMP threads per process
     gpu_slots_limit: str | None = None  # Prefect global concurrency limit, one slot per GPU
+    prefork: bool = True  # a single-process run forks from vit.engine.prefork's warm server (no import cost)
 
     def slots(self):
         """Hold ``nproc_per_node`` slots of the GPU limit while training (no-op without a limit)."""
@@ -80,58 +82,51 @@ class _Tail:
         return [c.decode() for c in chunks if c.strip()]
 
 
-def _die_with_parent() -> None:
-    """Linux: SIGTERM the trainer when this process dies, even by SIGKILL, so no orphan keeps training (it
-    checkpoints on SIGTERM) while a re-run resumes from the same checkpoints."""
-    import ctypes
-    import signal
-
-    with contextlib.suppress(OSError):  # not Linux: no parent-death signal
-        ctypes.CDLL("libc.so.6", use_errno=True).prctl(1, signal.SIGTERM)  # PR_SET_PDEATHSIG
-
-
 def run_training(
     cfg: TrainConfig,
     workdir: Path,
     launch: Launch,
     on_event: Callable[[dict[str, Any]], None],
     on_line: Callable[[str], None],
-    poll_seconds: float = 1.0,
+    poll_seconds: float = 0.2,
 ) -> dict[str, Any]:
-    """Train in a child process; returns its result (step, eval metrics, model URI). Raises TrainingFailed."""
+    """Train in a child process; returns its result (step, eval metrics, model URI). Raises TrainingFailed.
+
+    The child's output goes to ``train.log`` in ``workdir`` (appended across attempts), which this process tails
+    into ``on_line`` as it tails the events into ``on_event``."""
     workdir.mkdir(parents=True, exist_ok=True)
     config_path = workdir / "config.json"
     config_path.write_text(json.dumps(cfg.to_dict(), indent=2))
-    events, result = workdir / "events.jsonl", workdir / "result.json"
+    events, result, log = workdir / "events.jsonl", workdir / "result.json", workdir / "train.log"
     result.unlink(missing_ok=True)
     env = {**os.environ, "PYTHONUNBUFFERED": "1"}
     if launch.threads:
         env["OMP_NUM_THREADS"] = str(launch.threads)
-    tail = _Tail(events)
+    event_tail, log_tail = _Tail(events), _Tail(log)
     last_lines: deque[str] = deque(maxlen=30)
 
-    def pump(stream) -> None:
-        for raw in iter(stream.readline, ""):
-            line = raw.rstrip()
-            if line:
-                last_lines.append(line)
-                on_line(line)
+    def forward() -> None:
+        for line in log_tail.read():
+            last_lines.append(line)
+            on_line(line)
+        for line in event_tail.read():
+            on_event(json.loads(line))
 
-    proc = subprocess.Popen(
-        command(config_path, events, result, launch),
-        stdout=subprocess.PIPE,
-        stderr=subprocess.STDOUT,
-        text=True,
-        env=env,
-        preexec_fn=_die_with_parent,
-    )
-    reader = threading.Thread(target=pump, args=(proc.stdout,), daemon=True)
-    reader.start()
+    argv = command(config_path, events, result, launch)
+    if launch.prefork and argv[1:3] == ["-m", "vit.engine"]:
+        proc: subprocess.Popen | prefork.ForkedRun = prefork.ForkedRun(argv[3:], env, log)
+    else:
+        with open(log, "ab") as output:
+            proc = subprocess.Popen(
+                argv, stdout=output, stderr=subprocess.STDOUT, env=env, preexec_fn=prefork.die_with_parent
+            )
     try:
-        while proc.poll() is None:
-            for line in tail.read():
-                on_event(json.loads(line))
-            time.sleep(poll_seconds)
+        while True:
+            try:
+                proc.wait(timeout=poll_seconds)
+                break
+            except subprocess.TimeoutExpired:
+                forward()
     except BaseException:
         proc.terminate()  # SIGTERM: the trainer checkpoints before it exits
         try:
@@ -139,9 +134,7 @@ def run_training(
         except subprocess.TimeoutExpired:
             proc.kill()
         raise
-    reader.join(timeout=10)
-    for line in tail.read():
-        on_event(json.loads(line))
+    forward()
     if proc.returncode != 0:
         output = "\n".join(last_lines)
         reason = {EXIT_NONFINITE: "non-finite loss", EXIT_PREEMPTED: "preempted (SIGTERM)", 2: "invalid config"}.get(

@@ -1,18 +1,43 @@
-"""vit: the science of vitflow in pure PyTorch — models, checkpoints, data, engine, evaluation, analysis."""
+"""vit: the science of vitflow in pure PyTorch — models, checkpoints, data, engine, evaluation, analysis.
 
-from vit.checkpoints import load_pretrained
-from vit.model import (
-    VisionTransformer,
-    ViTConfig,
-    count_parameters,
-    create_model,
-    list_models,
-    model_config,
-    resolve_model_name,
-)
+The names below are imported on first use (PEP 562), so ``import vit.data.sources`` or a command's ``--help``
+does not pay for torch.
+"""
+
+from __future__ import annotations
+
+import importlib
+from typing import TYPE_CHECKING, Any
+
+if TYPE_CHECKING:
+    from vit.checkpoints import load_pretrained
+    from vit.model import (
+        VisionTransformer,
+        ViTConfig,
+        count_parameters,
+        create_model,
+        list_models,
+        model_config,
+        resolve_model_name,
+    )
 
 __version__ = "0.1.0"
 
+_EXPORTS = {
+    "load_pretrained": "vit.checkpoints",
+    **dict.fromkeys(
+        [
+            "ViTConfig",
+            "VisionTransformer",
+            "count_parameters",
+            "create_model",
+            "list_models",
+            "model_config",
+            "resolve_model_name",
+        ],
+        "vit.model",
+    ),
+}
 __all__ = [
     "ViTConfig",
     "VisionTransformer",
@@ -23,3 +48,14 @@ __all__ = [
     "model_config",
     "resolve_model_name",
 ]
+
+
+def lazy_export(package: str, exports: dict[str, str], name: str) -> Any:
+    """A package ``__getattr__``: the attribute ``name`` from the module ``exports`` names for it."""
+    if name not in exports:
+        raise AttributeError(f"module {package!r} has no attribute {name!r}")
+    return getattr(importlib.import_module(exports[name]), name)
+
+
+def __getattr__(name: str) -> Any:
+    return lazy_export(__name__, _EXPORTS, name)

@@ -22,11 +22,9 @@ from pathlib import Path, PurePosixPath
 import numpy as np
 import torch
 from PIL import Image
-from torchvision.io import ImageReadMode, decode_jpeg, decode_png
 
 from vit import storage
 from vit.data.base import DataError
-from vit.data.transforms import ImageTransform
 
 # torchvision 0.29 deprecates its image codecs in favour of TorchCodec (not a dependency here); they remain the
 # fastest decoders available to us, and the warning would fire on every image.
@@ -205,6 +203,10 @@ def decode(data: bytes, scale: float = 1.0) -> torch.Tensor:
     ``ImageTransform.plan``) is decoded at reduced size in the DCT domain (PIL ``draft``): most of the
     decoding work saved at no loss of detail the transform keeps. Other JPEGs and PNGs go through torchvision's
     libjpeg-turbo / libpng decoders; anything else, or anything those refuse, through PIL."""
+    # here: importing torchvision costs seconds (it pulls in torch._dynamo), which code that only writes or lists
+    # shards, such as finding a dataset already prepared, need not pay; a module import is cached after the first
+    from torchvision.io import ImageReadMode, decode_jpeg, decode_png
+
     try:
         if data[:2] == JPEG_MAGIC:
             if scale <= 0.5:
@@ -222,7 +224,7 @@ def transform_encoded(transform: Callable | None, data: bytes, width: int, heigh
     the image is decoded no larger than the transform needs. No transform: the uint8 CHW image."""
     if transform is None:
         return decode(data)
-    if isinstance(transform, ImageTransform):
+    if hasattr(transform, "plan"):  # an ImageTransform (not imported here: it imports torchvision)
         plan = transform.plan(width, height)
         return transform.apply(decode(data, plan.scale), plan, width, height)
     return transform(decode(data))
