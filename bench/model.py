@@ -43,8 +43,9 @@ from bench.common import (  # noqa: E402
     update_section,
     write_summary,
 )
+from vit.configs import model_config  # noqa: E402
 from vit.engine.trainer import peak_flops  # noqa: E402
-from vit.model import create_model, flops_per_image, model_config  # noqa: E402
+from vit.model import create_model, flops_per_image  # noqa: E402
 
 TIMM_NAMES = {
     "vit_ti_16": "vit_tiny_patch16_224",

@@ -91,17 +91,18 @@ def run(
     Examples: `vitflow run demo`, `vitflow run demo --set pretrain.steps=100 --set transfer.finetune.steps=20`,
     `vitflow run paper-b16-i21k --set compute.nproc_per_node=8`.
     """
-    server = None if dry_run else prefect_server.start_if_needed()  # boots while the flows are imported
     spec = _spec(preset, overrides)
     if dispatch not in (None, "local", "deployments"):
         raise _fail(f"--dispatch must be local or deployments, got {dispatch!r}", EXIT_BAD_INPUT)
     if dry_run:
         typer.echo(json.dumps(spec.model_dump(mode="json"), indent=2))
         return
-    from flows.benchmark import benchmark
+    server = prefect_server.start_if_needed()  # it boots while the flows are imported
+    from flows.benchmark import benchmark, preload_imports
 
     try:
         if server is not None:
+            preload_imports(spec)
             server.wait_until_healthy(float(os.environ.get("PREFECT_SERVER_EPHEMERAL_STARTUP_TIMEOUT_SECONDS", 120)))
         summary = benchmark(preset=preset, spec=spec, dispatch=dispatch)
     except Exception as e:  # noqa: BLE001 - the flow's own log has the details; say what failed and exit 1

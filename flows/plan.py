@@ -6,9 +6,9 @@ from dataclasses import replace
 from typing import Any
 
 from flows.specs import BenchmarkItem, BenchmarkSpec
+from vit.configs import model_config
 from vit.engine.config import CheckpointConfig, DataConfig, ModelConfig, OptimConfig, TrainConfig
 from vit.engine.recipes import TABLE4, FinetuneRecipe
-from vit.model import model_config
 
 # Few-shot train/test splits per protocol (big_vision uses the official train/test splits; VTAB its 1k split).
 FEWSHOT_SPLITS = {"imagenet": ("train", "val"), "vtab": ("train800val200", "test")}

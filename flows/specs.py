@@ -15,7 +15,7 @@ from pydantic import BaseModel, ConfigDict, Field, field_validator, model_valida
 
 from tasks.settings import default_artifact_root, default_tracking_uri
 from vit import storage
-from vit.model import model_config, resolve_model_name
+from vit.configs import model_config, resolve_model_name
 
 Protocol = Literal["imagenet", "cifar10", "cifar100", "pets", "flowers102", "vtab"]
 FILE_FORMATS = ("imagenet", "imagefolder", "cifar10", "cifar100", "pets", "flowers102", "fashion-mnist", "vtab", "list")

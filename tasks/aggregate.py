@@ -61,8 +61,7 @@ def result_records(run_id: str, model: str, pretrain: str, results: dict[str, An
 
 def headline_metrics(df: pd.DataFrame, groups: dict[str, str | None]) -> dict[str, float]:
     """Parent-run metrics: per benchmark and group, mean over seeds, for the pre-trained model (fraction in [0,1])."""
-    from vit.evaluate import vtab_summary
-    from vit.vtab import _BY_NAME
+    from vit.vtab import _BY_NAME, vtab_summary
 
     ours = df[(df["pretrain"] != SCRATCH)]
     out: dict[str, float] = {}

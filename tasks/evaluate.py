@@ -26,15 +26,15 @@ def init_checkpoint_task(
     model: str, image_size: int, seed: int, artifact_root: str, overrides: dict[str, Any] | None = None
 ) -> str:
     """A randomly initialised model saved like a pre-trained one, so baselines go through the same stages."""
-    import torch
-
-    from vit.checkpoints import save_checkpoint
-    from vit.model import create_model
-
     options = dict(overrides or {})
     uri = stage_uri(artifact_root, "init", model, {"model": model, "image_size": image_size, "seed": seed, **options})
     path = storage.join(uri, "model.safetensors")
     if not storage.exists(path):
+        import torch  # here: only a missing checkpoint needs it
+
+        from vit.checkpoints import save_checkpoint
+        from vit.model import create_model
+
         torch.manual_seed(seed)
         save_checkpoint(
             path,

@@ -22,8 +22,8 @@ from vit.evaluate import (
     fewshot_evaluate,
     fewshot_ridge,
     real_accuracy,
-    vtab_summary,
 )
+from vit.vtab import vtab_summary
 
 
 def _direct_ridge_predictions(x, y, tx, k, l2, form):

@@ -11,7 +11,8 @@ import torch
 
 import vit
 from tests.helpers import images, randomize_
-from vit.model import PAPER_VARIANTS, count_parameters, create_model, flops_per_image, resample_pos_embed
+from vit.configs import PAPER_VARIANTS
+from vit.model import count_parameters, create_model, flops_per_image, resample_pos_embed
 
 # vision_transformer/vit_jax/models_test.py: 224 px, 1000-way head, no pre-logits (paper-facts §1.2).
 OFFICIAL_PARAMS = {

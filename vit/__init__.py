@@ -11,32 +11,15 @@ from typing import TYPE_CHECKING, Any
 
 if TYPE_CHECKING:
     from vit.checkpoints import load_pretrained
-    from vit.model import (
-        VisionTransformer,
-        ViTConfig,
-        count_parameters,
-        create_model,
-        list_models,
-        model_config,
-        resolve_model_name,
-    )
+    from vit.configs import ViTConfig, list_models, model_config, resolve_model_name
+    from vit.model import VisionTransformer, count_parameters, create_model
 
 __version__ = "0.1.0"
 
 _EXPORTS = {
     "load_pretrained": "vit.checkpoints",
-    **dict.fromkeys(
-        [
-            "ViTConfig",
-            "VisionTransformer",
-            "count_parameters",
-            "create_model",
-            "list_models",
-            "model_config",
-            "resolve_model_name",
-        ],
-        "vit.model",
-    ),
+    **dict.fromkeys(["ViTConfig", "list_models", "model_config", "resolve_model_name"], "vit.configs"),
+    **dict.fromkeys(["VisionTransformer", "count_parameters", "create_model"], "vit.model"),
 }
 __all__ = [
     "ViTConfig",

@@ -23,7 +23,8 @@ import torch
 from torch import nn
 
 from vit import storage
-from vit.model import VisionTransformer, ViTConfig, model_config
+from vit.configs import ViTConfig, model_config
+from vit.model import VisionTransformer
 
 StateDict = dict[str, torch.Tensor]
 METADATA_KEY = "vitflow"
@@ -439,7 +440,7 @@ def infer_config(sd: Mapping[str, torch.Tensor], num_heads: int | None = None) -
 
 def _guess_heads(dim: int, depth: int, mlp_dim: int) -> int:
     """Head count of the registered variant with these shapes; else 64-dim heads as in every paper variant."""
-    from vit.model import list_models
+    from vit.configs import list_models
 
     for name in list_models():
         c = model_config(name)

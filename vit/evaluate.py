@@ -1,14 +1,15 @@
-"""Evaluation metrics: few-shot linear ridge, top-1 and ImageNet ReaL meters, VTAB-1k aggregation.
+"""Evaluation metrics: few-shot linear ridge, top-1 and ImageNet ReaL meters (VTAB-1k aggregation lives in
+``vit.vtab``).
 
-Accuracies here are fractions in [0, 1] (``vtab_summary`` keeps the unit of its inputs). Meters count exactly
-(integers), accept padded-and-masked batches so no evaluation sample is dropped (paper-facts §5.2 caveat), and sum
-their counts across ``torch.distributed`` ranks with ``all_reduce``.
+Accuracies here are fractions in [0, 1]. Meters count exactly (integers), accept padded-and-masked batches so no
+evaluation sample is dropped (paper-facts §5.2 caveat), and sum their counts across ``torch.distributed`` ranks with
+``all_reduce``.
 """
 
 from __future__ import annotations
 
 import math
-from collections.abc import Mapping, Sequence
+from collections.abc import Sequence
 
 import numpy as np
 import pandas as pd
@@ -16,8 +17,6 @@ import scipy.linalg
 import scipy.sparse
 import torch
 import torch.distributed as dist
-
-from vit import vtab
 
 ArrayLike = np.ndarray | torch.Tensor
 
@@ -252,32 +251,3 @@ class RealMeter:
 
 # ----------------------------------------------------------------------------------------------------------------
 # VTAB-1k
-
-
-def vtab_task_name(name: str) -> str:
-    """Canonical VTAB task for a folder name, alias or Table 9 header ("cifar100", "CIFAR-100" -> "cifar")."""
-    by_paper_name = {t.paper_name.lower(): t.name for t in vtab.TASKS}
-    return by_paper_name.get(name.lower()) or vtab.task(name).name
-
-
-def vtab_summary(per_task: Mapping[str, float]) -> dict:
-    """Group means and the 19-task mean of VTAB-1k accuracies (paper-facts §8; units as given).
-
-    Returns ``natural``, ``specialized``, ``structured`` (mean over the group's tasks), ``mean`` (mean over all
-    tasks, not of the group means, as Table 9's "Mean") and ``missing`` (canonical names of absent tasks). With
-    tasks missing, each mean is over the tasks present (NaN for a group with none): check ``missing`` before
-    comparing with the paper.
-    """
-    values: dict[str, float] = {}
-    for name, value in per_task.items():
-        key = vtab_task_name(name)
-        if key in values:
-            raise ValueError(f"VTAB task {key!r} given twice (as {name!r})")
-        values[key] = float(value)
-    summary: dict = {}
-    for group in vtab.GROUPS:
-        present = [values[t.name] for t in vtab.TASKS if t.group == group and t.name in values]
-        summary[group] = float(np.mean(present)) if present else math.nan
-    summary["mean"] = float(np.mean(list(values.values()))) if values else math.nan
-    summary["missing"] = [t.name for t in vtab.TASKS if t.name not in values]
-    return summary

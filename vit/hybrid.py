@@ -17,7 +17,7 @@ import torch.nn.functional as F
 from torch import nn
 
 if TYPE_CHECKING:
-    from vit.model import ViTConfig
+    from vit.configs import ViTConfig
 
 
 def _same_padding(size: int, kernel: int, stride: int) -> tuple[int, int]:

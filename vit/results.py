@@ -28,8 +28,8 @@ import numpy as np
 import pandas as pd
 
 from vit import vtab
-from vit.evaluate import vtab_summary, vtab_task_name
-from vit.model import paper_name, resolve_model_name
+from vit.configs import paper_name, resolve_model_name
+from vit.vtab import vtab_summary, vtab_task_name
 
 RESULT_COLUMNS = ("run", "model", "pretrain", "benchmark", "split", "metric", "value", "seed", "shots")
 _TEXT_COLUMNS = ("run", "model", "pretrain", "benchmark", "split", "metric")

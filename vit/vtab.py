@@ -2,8 +2,12 @@
 
 from __future__ import annotations
 
+import math
+from collections.abc import Mapping
 from dataclasses import dataclass
 from typing import Literal
+
+import numpy as np
 
 Group = Literal["natural", "specialized", "structured"]
 SPLITS = ("train800", "val200", "train800val200", "test")
@@ -50,3 +54,32 @@ def task(name: str) -> VtabTask:
         return _BY_NAME[name]
     except KeyError:
         raise ValueError(f"unknown VTAB-1k task {name!r}; known: {', '.join(t.name for t in TASKS)}") from None
+
+
+def vtab_task_name(name: str) -> str:
+    """Canonical VTAB task for a folder name, alias or Table 9 header ("cifar100", "CIFAR-100" -> "cifar")."""
+    by_paper_name = {t.paper_name.lower(): t.name for t in TASKS}
+    return by_paper_name.get(name.lower()) or task(name).name
+
+
+def vtab_summary(per_task: Mapping[str, float]) -> dict:
+    """Group means and the 19-task mean of VTAB-1k accuracies (paper-facts §8; units as given).
+
+    Returns ``natural``, ``specialized``, ``structured`` (mean over the group's tasks), ``mean`` (mean over all
+    tasks, not of the group means, as Table 9's "Mean") and ``missing`` (canonical names of absent tasks). With
+    tasks missing, each mean is over the tasks present (NaN for a group with none): check ``missing`` before
+    comparing with the paper.
+    """
+    values: dict[str, float] = {}
+    for name, value in per_task.items():
+        key = vtab_task_name(name)
+        if key in values:
+            raise ValueError(f"VTAB task {key!r} given twice (as {name!r})")
+        values[key] = float(value)
+    summary: dict = {}
+    for group in GROUPS:
+        present = [values[t.name] for t in TASKS if t.group == group and t.name in values]
+        summary[group] = float(np.mean(present)) if present else math.nan
+    summary["mean"] = float(np.mean(list(values.values()))) if values else math.nan
+    summary["missing"] = [t.name for t in TASKS if t.name not in values]
+    return summary

@@ -18,8 +18,8 @@ from vit import lazy_export
 
 if TYPE_CHECKING:
     from vit.data.base import CorruptDataError, DataError
-    from vit.data.dataset import MapDataset, PreparedDataset, open_dataset
-    from vit.data.loader import Batch, ShardLoader
+    from vit.data.dataset import PreparedDataset, open_dataset
+    from vit.data.loader import Batch, MapDataset, ShardLoader
     from vit.data.prepare import prepare_dataset
     from vit.data.sources import FORMATS
     from vit.data.synthetic import VTAB_TASKS as SYNTHETIC_VTAB_TASKS
@@ -29,7 +29,7 @@ if TYPE_CHECKING:
 _EXPORTS = {
     "CorruptDataError": "vit.data.base",
     "DataError": "vit.data.base",
-    "MapDataset": "vit.data.dataset",
+    "MapDataset": "vit.data.loader",
     "PreparedDataset": "vit.data.dataset",
     "open_dataset": "vit.data.dataset",
     "Batch": "vit.data.loader",

@@ -7,34 +7,17 @@ import json
 from collections.abc import Callable, Sequence
 from concurrent.futures import ThreadPoolExecutor
 from functools import cached_property
+from typing import TYPE_CHECKING
 
 import numpy as np
 import pandas as pd
-import torch
-from torch.utils.data import Dataset
 
 from vit import storage
 from vit.data.base import DataError
-from vit.data.loader import ShardLoader, SplitIndex, StreamConfig
-from vit.data.shards import read_members, shard_uri, transform_encoded
+from vit.data.shards import read_members, shard_uri
 
-
-class MapDataset(Dataset):
-    """Random access to a small split (VTAB-1k, minival, few-shot subsets), held in memory as encoded bytes and
-    decoded on access. Returns ``(image, label)``; the image is ``transform(uint8 CHW)``, or the uint8 CHW tensor
-    itself when there is no transform."""
-
-    def __init__(
-        self, blobs: list[bytes], labels: np.ndarray, sizes: np.ndarray, transform: Callable | None = None
-    ) -> None:
-        self.blobs, self.labels, self.sizes, self.transform = blobs, labels, sizes, transform
-
-    def __len__(self) -> int:
-        return len(self.blobs)
-
-    def __getitem__(self, i: int) -> tuple[torch.Tensor, int]:
-        width, height = map(int, self.sizes[i])
-        return transform_encoded(self.transform, self.blobs[i], width, height), int(self.labels[i])
+if TYPE_CHECKING:  # torch's modules: imported where used, so that reading a dataset's facts does not import torch
+    from vit.data.loader import MapDataset, ShardLoader, SplitIndex
 
 
 class PreparedDataset:
@@ -81,6 +64,8 @@ class PreparedDataset:
         return self._manifests[split]
 
     def split_index(self, split: str) -> SplitIndex:
+        from vit.data.loader import SplitIndex
+
         frame = self.manifest(split)
         codes, shards = pd.factorize(frame["shard"], sort=False)
         if len(codes) and np.any(np.diff(codes) < 0):
@@ -118,6 +103,10 @@ class PreparedDataset:
         """A streaming loader of ``Batch``es; see `vit.data.loader`. ``rank``/``world_size`` default to
         torch.distributed's when it is initialised, else 0/1. ``multiprocessing_context="spawn"`` is safe where
         forking is not (threads or CUDA in the parent)."""
+        import torch
+
+        from vit.data.loader import ShardLoader, StreamConfig
+
         if batch_size < 1:
             raise ValueError(f"batch_size must be >= 1, got {batch_size}")
         if transform is None:
@@ -156,6 +145,8 @@ class PreparedDataset:
     ) -> MapDataset:
         """Map-style access to a split, or to the rows ``indices`` of it (a few-shot subset): only the bytes of
         those samples are read (ranged reads where they are sparse in a remote shard)."""
+        from vit.data.loader import MapDataset
+
         index = self.split_index(split)
         rows = np.arange(index.num_rows) if indices is None else np.asarray(indices, dtype=np.int64)
         if len(rows) and (rows.min() < 0 or rows.max() >= index.num_rows):

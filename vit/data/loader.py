@@ -24,7 +24,7 @@ from typing import NamedTuple
 
 import numpy as np
 import torch
-from torch.utils.data import DataLoader, IterableDataset, get_worker_info
+from torch.utils.data import DataLoader, Dataset, IterableDataset, get_worker_info
 
 from vit import storage
 from vit.data.base import DataError
@@ -319,3 +319,21 @@ class ShardLoader:
         if state.get("version") != STATE_VERSION or mismatched:
             raise ValueError("loader state does not fit this loader (" + "; ".join(mismatched or ["version"]) + ")")
         self.epoch, self.batches = int(state["epoch"]), int(state["batches"])
+
+
+class MapDataset(Dataset):
+    """Random access to a small split (VTAB-1k, minival, few-shot subsets), held in memory as encoded bytes and
+    decoded on access. Returns ``(image, label)``; the image is ``transform(uint8 CHW)``, or the uint8 CHW tensor
+    itself when there is no transform."""
+
+    def __init__(
+        self, blobs: list[bytes], labels: np.ndarray, sizes: np.ndarray, transform: Callable | None = None
+    ) -> None:
+        self.blobs, self.labels, self.sizes, self.transform = blobs, labels, sizes, transform
+
+    def __len__(self) -> int:
+        return len(self.blobs)
+
+    def __getitem__(self, i: int) -> tuple[torch.Tensor, int]:
+        width, height = map(int, self.sizes[i])
+        return transform_encoded(self.transform, self.blobs[i], width, height), int(self.labels[i])

@@ -18,13 +18,16 @@ import warnings
 from collections.abc import Callable, Iterator, Sequence
 from concurrent.futures import Future, ThreadPoolExecutor
 from pathlib import Path, PurePosixPath
+from typing import TYPE_CHECKING
 
 import numpy as np
-import torch
 from PIL import Image
 
 from vit import storage
 from vit.data.base import DataError
+
+if TYPE_CHECKING:
+    import torch
 
 # torchvision 0.29 deprecates its image codecs in favour of TorchCodec (not a dependency here); they remain the
 # fastest decoders available to us, and the warning would fire on every image.
@@ -191,6 +194,8 @@ def read_members(uri: str, offsets: Sequence[int], sizes: Sequence[int]) -> Iter
 
 
 def _decode_pil(data: bytes, scale: float = 1.0) -> torch.Tensor:
+    import torch
+
     with Image.open(io.BytesIO(data)) as image:
         if scale <= 0.5 and image.format == "JPEG":
             image.draft("RGB", (math.ceil(image.width * scale), math.ceil(image.height * scale)))
@@ -203,8 +208,9 @@ def decode(data: bytes, scale: float = 1.0) -> torch.Tensor:
     ``ImageTransform.plan``) is decoded at reduced size in the DCT domain (PIL ``draft``): most of the
     decoding work saved at no loss of detail the transform keeps. Other JPEGs and PNGs go through torchvision's
     libjpeg-turbo / libpng decoders; anything else, or anything those refuse, through PIL."""
-    # here: importing torchvision costs seconds (it pulls in torch._dynamo), which code that only writes or lists
-    # shards, such as finding a dataset already prepared, need not pay; a module import is cached after the first
+    # here: importing torch and torchvision costs seconds (torchvision pulls in torch._dynamo), which code that only
+    # writes or lists shards, such as finding a dataset already prepared, need not pay; later imports are cached
+    import torch
     from torchvision.io import ImageReadMode, decode_jpeg, decode_png
 
     try:

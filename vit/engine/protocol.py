@@ -6,7 +6,7 @@ process (``vitflow finetune --sweep``, tests).
 
 from __future__ import annotations
 
-from collections.abc import Mapping, Sequence
+from collections.abc import Sequence
 from dataclasses import dataclass
 
 import pandas as pd
@@ -15,17 +15,10 @@ import torch
 from vit import storage
 from vit.engine.callbacks import Callback
 from vit.engine.evaluation import evaluate_classifier, extract_features
-from vit.engine.recipes import FinetuneRecipe
+from vit.engine.recipes import FinetuneRecipe, select_best_lr
 from vit.engine.run import TrainOutcome, train
 from vit.evaluate import fewshot_evaluate
 from vit.model import VisionTransformer
-
-
-def select_best_lr(val_top1: Mapping[float, float]) -> float:
-    """The learning rate with the highest validation accuracy (ties: the smaller learning rate)."""
-    if not val_top1:
-        raise ValueError("no sweep results to select from")
-    return max(sorted(val_top1), key=lambda lr: val_top1[lr])
 
 
 @dataclass

@@ -13,10 +13,11 @@ Sources and choices (paper-facts §4–5, §8):
 
 from __future__ import annotations
 
+from collections.abc import Mapping
 from dataclasses import dataclass, replace
 
+from vit.configs import model_config
 from vit.engine.config import CheckpointConfig, DataConfig, ModelConfig, OptimConfig, TrainConfig
-from vit.model import model_config
 
 
 @dataclass(frozen=True)
@@ -172,3 +173,10 @@ IMAGENET_TABLE2 = {
     "vit_l_16": replace(TABLE4["imagenet"], image_size=512, polyak=0.9999),
     "vit_h_14": replace(TABLE4["imagenet"], image_size=518, polyak=0.9999),
 }
+
+
+def select_best_lr(val_top1: Mapping[float, float]) -> float:
+    """The learning rate with the highest validation accuracy (ties: the smaller learning rate)."""
+    if not val_top1:
+        raise ValueError("no sweep results to select from")
+    return max(sorted(val_top1), key=lambda lr: val_top1[lr])
