@@ -159,8 +159,11 @@ class ForkedRun:
 # The server process
 
 
+_protocol_fd = 1  # the server's answers; ``serve`` moves them off fd 1, where a stray print would corrupt them
+
+
 def _reply(message: dict[str, Any]) -> None:
-    os.write(1, json.dumps(message).encode() + b"\n")
+    os.write(_protocol_fd, json.dumps(message).encode() + b"\n")
 
 
 def _run_child(request: dict[str, Any]) -> None:
@@ -169,6 +172,7 @@ def _run_child(request: dict[str, Any]) -> None:
     thread count is set here."""
     code = 1
     try:
+        os.close(_protocol_fd)  # the client must see EOF when the server dies, whatever its runs hold open
         die_with_parent()
         signal.signal(signal.SIGINT, signal.default_int_handler)
         os.chdir(request["cwd"])
@@ -203,6 +207,10 @@ def _run_child(request: dict[str, Any]) -> None:
 
 def serve() -> None:
     """Import once, then fork a run per request until stdin closes; report every child's exit."""
+    global _protocol_fd
+    _protocol_fd = os.dup(1)
+    os.dup2(2, 1)  # anything printed from here on (an import's notice) goes to stderr, not into the protocol
+
     import torchvision.io  # noqa: F401 - the imports every run would otherwise pay
 
     import vit.data.dataset  # noqa: F401
