@@ -88,8 +88,12 @@ class _Client:
         request = {"id": request_id, "args": args, "env": env, "log": str(log), "cwd": os.getcwd()}
         with self.lock:
             assert self.process.stdin is not None
-            self.process.stdin.write(json.dumps(request).encode() + b"\n")
-            self.process.stdin.flush()
+            try:
+                self.process.stdin.write(json.dumps(request).encode() + b"\n")
+                self.process.stdin.flush()
+            except (BrokenPipeError, ValueError):  # died since the last run; the next call starts a new one
+                self.alive = False
+                raise ForkServerGone("the training fork server had exited") from None
         with self.changed:
             self.changed.wait_for(lambda: request_id in self.pids or not self.alive)
             if request_id not in self.pids:
