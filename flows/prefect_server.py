@@ -15,12 +15,10 @@ import socket
 import subprocess
 import sys
 import time
-import urllib.request
 from pathlib import Path
 
+from flows.stack import HOST, StackError, http_ok
 from vit.engine.prefork import die_with_parent
-
-HOST = "127.0.0.1"
 
 
 class TemporaryServer:
@@ -41,15 +39,13 @@ class TemporaryServer:
     def wait_until_healthy(self, timeout: float) -> None:
         """Block until the API answers; raise RuntimeError if the server exits or does not answer in time."""
         deadline = time.monotonic() + timeout
-        opener = urllib.request.build_opener(urllib.request.ProxyHandler({}))
         while True:
             if self.process.poll() is not None:
                 raise RuntimeError(f"Prefect's temporary server exited with code {self.process.returncode}")
             try:
-                with opener.open(f"{self.api_url}/health", timeout=2) as response:
-                    if response.status == 200:
-                        return
-            except OSError:
+                http_ok(f"{self.api_url}/health")
+                return
+            except (OSError, StackError):  # not answering yet, or not 200 yet
                 pass
             if time.monotonic() > deadline:
                 raise RuntimeError(f"Prefect's temporary server did not answer on {self.api_url} in {timeout:.0f} s")

@@ -41,6 +41,10 @@ class Launch:
     gpu_slots_limit: str | None = None  # Prefect global concurrency limit, one slot per GPU
     prefork: bool = True  # a single-process run forks from vit.engine.prefork's warm server (no import cost)
 
+    @property
+    def single_process(self) -> bool:
+        return self.nproc_per_node * self.nnodes == 1
+
     def slots(self):
         """Hold ``nproc_per_node`` slots of the GPU limit while training (no-op without a limit)."""
         if not self.gpu_slots_limit:
@@ -50,9 +54,14 @@ class Launch:
         return concurrency(self.gpu_slots_limit, occupy=self.nproc_per_node)
 
 
+def engine_args(config_path: Path, events: Path, result: Path) -> list[str]:
+    """The arguments of ``python -m vit.engine`` for one stage."""
+    return [str(config_path), "--metrics", str(events), "--result", str(result), "--no-progress"]
+
+
 def command(config_path: Path, events: Path, result: Path, launch: Launch) -> list[str]:
-    engine = ["-m", "vit.engine", str(config_path), "--metrics", str(events), "--result", str(result), "--no-progress"]
-    if launch.nproc_per_node * launch.nnodes == 1:
+    engine = ["-m", "vit.engine", *engine_args(config_path, events, result)]
+    if launch.single_process:
         return [sys.executable, *engine]
     if launch.nnodes == 1 and not launch.rdzv_endpoint:
         rendezvous = ["--standalone"]
@@ -112,13 +121,18 @@ def run_training(
         for line in event_tail.read():
             on_event(json.loads(line))
 
-    argv = command(config_path, events, result, launch)
-    if launch.prefork and argv[1:3] == ["-m", "vit.engine"]:
-        proc: subprocess.Popen | prefork.ForkedRun = prefork.ForkedRun(argv[3:], env, log)
+    if launch.prefork and launch.single_process:
+        proc: subprocess.Popen | prefork.ForkedRun = prefork.ForkedRun(
+            engine_args(config_path, events, result), env, log
+        )
     else:
         with open(log, "ab") as output:
             proc = subprocess.Popen(
-                argv, stdout=output, stderr=subprocess.STDOUT, env=env, preexec_fn=prefork.die_with_parent
+                command(config_path, events, result, launch),
+                stdout=output,
+                stderr=subprocess.STDOUT,
+                env=env,
+                preexec_fn=prefork.die_with_parent,
             )
     try:
         while True:

@@ -8,7 +8,6 @@ metrics stream into the stage's MLflow run.
 
 from __future__ import annotations
 
-import json
 import time
 from typing import Any
 
@@ -151,11 +150,12 @@ def train_task(
                 result = run_training(cfg, local_workdir(uri), job, on_event, logger.info)
             metrics = {k: v for k, v in result["eval"].items() if k.startswith("val/") and k != "val/count"}
             if test is not None:
+                from vit.engine.callbacks import JsonlLog
+
                 started = time.time()
                 metrics.update(_test_metrics(result["model_uri"], cfg.data.dataset, test, cfg.batch_size))
-                event = {"event": "test", "step": result["step"], "start": started, "time": time.time()}
-                with open(local_workdir(uri) / "events.jsonl", "a") as log:  # when the test evaluation ran
-                    log.write(json.dumps(event) + "\n")
+                # when the test evaluation ran, in the stage's event log beside the engine's own events
+                JsonlLog(local_workdir(uri) / "events.jsonl")("test", result["step"], {"start": started})
             tracker.log_metrics(run, metrics, result["step"])
             tracker.set_tags(run, {"vitflow.model_uri": result["model_uri"]})
             if storage.is_s3(uri):  # the event log beside the checkpoints, for the curves of later reports

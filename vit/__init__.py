@@ -34,10 +34,12 @@ __all__ = [
 
 
 def lazy_export(package: str, exports: dict[str, str], name: str) -> Any:
-    """A package ``__getattr__``: the attribute ``name`` from the module ``exports`` names for it."""
+    """A package ``__getattr__``: ``name`` from where ``exports`` says, ``"module"`` (the same name there) or
+    ``"module:attribute"``."""
     if name not in exports:
         raise AttributeError(f"module {package!r} has no attribute {name!r}")
-    return getattr(importlib.import_module(exports[name]), name)
+    module, _, attribute = exports[name].partition(":")
+    return getattr(importlib.import_module(module), attribute or name)
 
 
 def __getattr__(name: str) -> Any:

@@ -38,10 +38,8 @@ _EXPORTS = {
     "FORMATS": "vit.data.sources",
     "ImageTransform": "vit.data.transforms",
     "build_transform": "vit.data.transforms",
-}
-_RENAMED = {
-    "SYNTHETIC_VTAB_TASKS": ("vit.data.synthetic", "VTAB_TASKS"),
-    "TRANSFORM_KINDS": ("vit.data.transforms", "KINDS"),
+    "SYNTHETIC_VTAB_TASKS": "vit.data.synthetic:VTAB_TASKS",
+    "TRANSFORM_KINDS": "vit.data.transforms:KINDS",
 }
 __all__ = [
     "FORMATS",
@@ -61,7 +59,4 @@ __all__ = [
 
 
 def __getattr__(name: str) -> Any:
-    if name in _RENAMED:
-        module, attribute = _RENAMED[name]
-        return lazy_export(__name__, {attribute: module}, attribute)
     return lazy_export(__name__, _EXPORTS, name)
