@@ -175,7 +175,7 @@ def _submit_fewshot(
     dataset: dict[str, Any],
     label: str,
     init: str,
-    image_size: int,
+    image_size: int | None,
     tracking: dict[str, Any],
 ):
     train_split, test_split = plan.fewshot_splits(bench)
@@ -207,7 +207,7 @@ def transfer(
     ``compute.dispatch=deployments``, over a work pool."""
     logger = run_logger()
     ft = spec.transfer.finetune
-    fewshot_size = spec.transfer.fewshot.image_size or (spec.pretrain.image_size if spec.pretrain else ft.image_size)
+    fewshot_size = spec.transfer.fewshot.image_size or (spec.pretrain.image_size if spec.pretrain else None)
     fewshots, sweeps = [], []
     for bench in spec.transfer.benchmarks:
         dataset = datasets[bench.dataset.name]

@@ -113,7 +113,7 @@ def finetune_config(
     train_split = recipe.final_train if final else recipe.sweep_train
     eval_split = None if final else recipe.sweep_val
     cfg = recipe.train_config(
-        init_uri, dataset_uri, lr, train_split, eval_split, None, seed=seed, **_compute_fields(spec)
+        init_uri, dataset_uri, lr, train_split, eval_split, None, spec.model.dropout, seed=seed, **_compute_fields(spec)
     )
     cfg.model.gelu_approximate = spec.model.gelu_approximate
     cfg.data.num_workers = spec.compute.num_workers

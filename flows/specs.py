@@ -147,7 +147,7 @@ class FewshotSpec(Spec):
     shots: list[int] = Field(default_factory=lambda: [1, 5, 10, 25], min_length=1)
     seeds: list[Annotated[int, Field(ge=0)]] = Field(default_factory=lambda: [0, 1, 2], min_length=1)
     l2: float = Field(1024.0, gt=0)
-    image_size: int | None = Field(None, gt=0, description="None: the pre-training resolution")
+    image_size: int | None = Field(None, gt=0, description="None: the pre-training (or init checkpoint's) resolution")
 
     @field_validator("shots")
     @classmethod

@@ -20,7 +20,7 @@ from tasks.tracking import RunRef, Tracker, git_commit
 from vit import storage
 
 # Bump a stage's version when its outputs' meaning changes: old outputs then stop being reused.
-STAGE_VERSIONS = {"init": 1, "pretrain": 1, "finetune": 1, "fewshot": 1, "plots": 1}
+STAGE_VERSIONS = {"init": 1, "pretrain": 2, "finetune": 2, "fewshot": 2, "plots": 1}
 DONE_FILE = "_done.json"
 
 

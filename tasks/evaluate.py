@@ -52,7 +52,7 @@ def _fewshot_key(
     shots: list[int],
     seeds: list[int],
     l2: float,
-    image_size: int,
+    image_size: int | None,
 ) -> dict[str, Any]:
     return {
         "model": model_uri,
@@ -76,7 +76,7 @@ def fewshot_stage_uri(
     shots: list[int],
     seeds: list[int],
     l2: float,
-    image_size: int,
+    image_size: int | None,
     artifact_root: str,
     **_: Any,
 ) -> str:
@@ -96,7 +96,7 @@ def fewshot_task(
     shots: list[int],
     seeds: list[int],
     l2: float,
-    image_size: int,
+    image_size: int | None,
     artifact_root: str,
     tracking: dict[str, Any],
     tags: dict[str, str] | None = None,
@@ -146,7 +146,7 @@ def _evaluate(
     shots: list[int],
     seeds: list[int],
     l2: float,
-    image_size: int,
+    image_size: int | None,
 ) -> dict[str, Any]:
     import torch
 
@@ -154,7 +154,7 @@ def _evaluate(
     from vit.engine.protocol import fewshot_on_dataset
 
     model = load_pretrained(model_uri).to("cuda" if torch.cuda.is_available() else "cpu")
-    if model.cfg.image_size != (image_size, image_size):
+    if image_size and model.cfg.image_size != (image_size, image_size):  # None: the checkpoint's own
         model.set_image_size(image_size)
     frame = fewshot_on_dataset(model, dataset_uri, train_split, test_split, shots, seeds, l2)
     mean = frame.groupby("shots")["accuracy"].mean()

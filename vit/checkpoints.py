@@ -51,10 +51,21 @@ def _read_npz(path_or_uri: str | os.PathLike) -> dict[str, np.ndarray]:
 
 
 def _strip_prefix(arrays: dict[str, np.ndarray]) -> dict[str, np.ndarray]:
+    """The model parameters of a file: under ``opt/target/`` (flax.optim training checkpoints, next to
+    ``opt/state/``) or ``params/`` (big_vision, next to ``opt/`` and ``chrono/`` in training checkpoints)."""
     for prefix in ("opt/target/", "params/"):
-        if arrays and all(k.startswith(prefix) for k in arrays):
-            arrays = {k[len(prefix) :]: v for k, v in arrays.items()}
+        if any(k.startswith(prefix) for k in arrays):
+            arrays = {k[len(prefix) :]: v for k, v in arrays.items() if k.startswith(prefix)}
     return arrays
+
+
+def _describe_layout(arrays: Mapping[str, np.ndarray]) -> str:
+    """What a file holds, for an error: its top-level groups with their key counts, and a few keys."""
+    groups: dict[str, int] = {}
+    for key in arrays:
+        groups[key.split("/")[0]] = groups.get(key.split("/")[0], 0) + 1
+    listed = ", ".join(f"{g} ({n})" for g, n in sorted(groups.items())[:12])
+    return f"found top-level groups {listed or '(none)'}; e.g. keys {sorted(arrays)[:6]}"
 
 
 def _unstack_scanned(arrays: dict[str, np.ndarray]) -> dict[str, np.ndarray]:
@@ -107,7 +118,10 @@ def _convert_npz(arrays: dict[str, np.ndarray]) -> StateDict:
     else:
         key = "pos_embedding" if "pos_embedding" in arrays else "Transformer/pos_embedding"
         if key not in arrays:
-            raise CheckpointError("no position embedding found (expected Transformer/posembed_input/pos_embedding)")
+            raise CheckpointError(
+                "no position embedding found (expected Transformer/posembed_input/pos_embedding, "
+                f"Transformer/pos_embedding or pos_embedding); {_describe_layout(arrays)}"
+            )
         posemb = _t(arrays[key])
         if "cls_token" in sd and key == "pos_embedding":
             # big_vision adds posemb before prepending cls, so cls has no posemb: give it a zero entry.
@@ -157,7 +171,9 @@ def _convert_npz(arrays: dict[str, np.ndarray]) -> StateDict:
     used = _expected_npz_consumption(arrays)
     leftover = sorted(k for k in arrays if k not in used)
     if leftover:
-        raise CheckpointError(f"unknown keys in .npz (unsupported layout?): {leftover[:10]}")
+        raise CheckpointError(
+            f"unknown keys in .npz (unsupported layout?): {leftover[:10]}; {_describe_layout(arrays)}"
+        )
     return sd
 
 
@@ -185,7 +201,8 @@ def load_npz(path_or_uri: str | os.PathLike) -> StateDict:
     try:
         return _convert_npz(arrays)
     except KeyError as e:
-        raise CheckpointError(f"{path_or_uri}: missing key {e} for the official ViT layout") from None
+        found = _describe_layout(_strip_prefix(arrays))
+        raise CheckpointError(f"{path_or_uri}: missing key {e} for the official ViT layout; {found}") from None
 
 
 def npz_num_heads(path_or_uri: str | os.PathLike) -> int | None:
@@ -438,15 +455,34 @@ def infer_config(sd: Mapping[str, torch.Tensor], num_heads: int | None = None) -
     return ViTConfig.from_dict({**cfg.to_dict(), "image_size": (side * stride, side * stride)})
 
 
-def _guess_heads(dim: int, depth: int, mlp_dim: int) -> int:
-    """Head count of the registered variant with these shapes; else 64-dim heads as in every paper variant."""
+def _registered(**shape: Any) -> ViTConfig | None:
+    """The first registered variant whose config has these field values."""
     from vit.configs import list_models
 
     for name in list_models():
         c = model_config(name)
-        if (c.hidden_size, c.depth, c.mlp_dim) == (dim, depth, mlp_dim):
-            return c.num_heads
-    return max(dim // 64, 1)
+        if all(getattr(c, k) == v for k, v in shape.items()):
+            return c
+    return None
+
+
+def _guess_heads(dim: int, depth: int, mlp_dim: int) -> int:
+    """Head count of the registered variant with these shapes; else 64-dim heads as in every paper variant."""
+    c = _registered(hidden_size=dim, depth=depth, mlp_dim=mlp_dim)
+    return c.num_heads if c else max(dim // 64, 1)
+
+
+def official_dropout(cfg: ViTConfig) -> float | None:
+    """The fine-tuning dropout of the registered variant with this architecture (vit_jax configs/models.py:
+    0.1 for L/16, H/14 and the R50 hybrids), or None for an architecture that is not registered."""
+    c = _registered(
+        patch_size=cfg.patch_size,
+        hidden_size=cfg.hidden_size,
+        depth=cfg.depth,
+        mlp_dim=cfg.mlp_dim,
+        resnet_layers=cfg.resnet_layers,
+    )
+    return c.dropout if c else None
 
 
 # --------------------------------------------------------------------------------------------------------------
@@ -586,10 +622,14 @@ def load_pretrained(
 
     ``num_classes`` drops the pre-logits layer and attaches a zero-initialised head (paper §3.2); ``image_size``
     resamples the position embeddings as the official code does. Other keyword arguments (``dropout``,
-    ``gelu_approximate``, ...) override the inferred config. ``path_or_uri`` may be a local path, ``s3://`` or
-    ``https://`` (downloaded once to the cache).
+    ``gelu_approximate``, ...) override the inferred config. Without ``dropout`` a registered architecture gets
+    its official fine-tuning rate (:func:`official_dropout`): a file records the rate it was trained with, or
+    none at all (.npz), and neither is the rate to transfer with. ``path_or_uri`` may be a local path, ``s3://``
+    or ``https://`` (downloaded once to the cache).
     """
     sd, cfg, _ = read_any(path_or_uri)
+    if create_model_overrides.get("dropout") is None and (rate := official_dropout(cfg)) is not None:
+        create_model_overrides = {**create_model_overrides, "dropout": rate}
     if create_model_overrides:
         cfg = ViTConfig.from_dict({**cfg.to_dict(), **create_model_overrides})
     model = VisionTransformer(cfg)

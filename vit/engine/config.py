@@ -42,6 +42,8 @@ class DataConfig:
     eval_split: str | None = None
     train_transform: Literal["pretrain", "finetune", "eval", "vtab"] = "pretrain"
     eval_transform: Literal["pretrain", "finetune", "eval", "vtab"] = "eval"
+    # tf: tf.image.resize's float bilinear without antialiasing, as the official pipelines (vit.data.transforms)
+    resize: Literal["tf", "antialias"] = "tf"
     num_workers: int = 0
     shuffle_buffer: int | None = None
 

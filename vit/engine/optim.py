@@ -21,7 +21,9 @@ from vit.engine.config import OptimConfig
 
 
 def lr_at(step: int, base_lr: float, total_steps: int, warmup_steps: int, decay: str, linear_end: float) -> float:
-    """The official schedule (vit_jax utils.create_learning_rate_schedule), steps counted from 1.
+    """The official schedule (vit_jax utils.create_learning_rate_schedule) at ``step``, the number of updates made
+    before this one: optax evaluates a schedule at its update count, so the first update uses step 0 (lr 0 when
+    there is warmup).
 
     ``progress = clip((step - warmup) / (total - warmup), 0, 1)``; cosine: ``base · ½(1 + cos(π·progress))``;
     linear: ``end + (base - end)(1 - progress)``; then multiplied by ``min(1, step / warmup)``.
@@ -38,12 +40,21 @@ def lr_at(step: int, base_lr: float, total_steps: int, warmup_steps: int, decay:
     return lr
 
 
+def kernel_parameters(model: nn.Module) -> set[int]:
+    """Ids of the weight matrices of dense and convolution layers: what big_vision's ``wd_mults=[(".*/kernel$",
+    1.0)]`` decays; biases, norm scales, position embeddings and the class token are not kernels."""
+    return {id(m.weight) for m in model.modules() if isinstance(m, nn.Linear | nn.Conv2d)}
+
+
 def _param_groups(model: nn.Module, weight_decay: float, on: str) -> list[dict]:
+    params = [p for p in model.parameters() if p.requires_grad]
     if on == "all" or weight_decay == 0.0:
-        return [{"params": [p for p in model.parameters() if p.requires_grad], "weight_decay": weight_decay}]
-    kernels = [p for p in model.parameters() if p.requires_grad and p.ndim >= 2]
-    others = [p for p in model.parameters() if p.requires_grad and p.ndim < 2]
-    return [{"params": kernels, "weight_decay": weight_decay}, {"params": others, "weight_decay": 0.0}]
+        return [{"params": params, "weight_decay": weight_decay}]
+    kernels = kernel_parameters(model)
+    return [
+        {"params": [p for p in params if id(p) in kernels], "weight_decay": weight_decay},
+        {"params": [p for p in params if id(p) not in kernels], "weight_decay": 0.0},
+    ]
 
 
 def build_optimizer(model: nn.Module, cfg: OptimConfig) -> torch.optim.Optimizer:

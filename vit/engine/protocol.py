@@ -98,9 +98,10 @@ def fewshot_on_dataset(
     seeds: Sequence[int] = (0, 1, 2),
     l2: float = 1024.0,
     batch_size: int = 256,
-    transform: str = "eval",
+    transform: str = "fewshot",
 ) -> pd.DataFrame:
-    """Few-shot linear accuracy on pre-logits features, extracted once and reused across shots and seeds."""
+    """Few-shot linear accuracy on pre-logits features, extracted once and reused across shots and seeds; images
+    preprocessed as big_vision's few-shot evaluator (resize to 8/7 of the resolution, central crop)."""
     from vit.data import build_transform, open_dataset
 
     ds = open_dataset(dataset_uri)

@@ -1,14 +1,12 @@
-"""The paper's training recipes as typed objects: Table 3 (pre-training) and Table 4 (fine-tuning).
+"""The paper's fine-tuning recipes as typed objects: Table 4 (the pre-training rows of Table 3 are the
+``paper-*`` presets of flows/presets.py).
 
-Sources and choices (paper-facts §4–5, §8):
-- Adam β = (0.9, 0.999), batch 4096, 10k warmup steps, linear decay to 1e-5 (the i21k value a maintainer gave;
-  the JFT end value is UNCONFIRMED and uses the same), 224 px, a tanh pre-logits layer of width D and sigmoid
-  cross-entropy with head bias −10 upstream (ImageNet-1k: the loss is UNCONFIRMED; sigmoid with big_vision's −6.9
-  bias here). Gradient clipping at 1 is stated for ImageNet only.
+Sources and choices (paper-facts §5, §8):
 - Fine-tuning: SGD momentum 0.9, batch 512, cosine, no weight decay, clip 1, 384 px; warmup 500 steps for the long
   schedules and 100 for Pets/Flowers (big_vision transfer configs; the paper's warmup is UNCONFIRMED); VTAB-1k:
   lr 0.01, 2500 steps; its warmup is UNCONFIRMED too (200 here).
-- JFT-300M is private: its rows are documented and runnable on any dataset a user names, never a default.
+- Dropout: the variant's official fine-tuning rate (vit_jax configs/models.py: 0.1 for L/16, H/14 and the R50
+  hybrids, 0 otherwise) unless the caller gives one; ``None`` leaves it to vit.load_pretrained.
 """
 
 from __future__ import annotations
@@ -16,87 +14,7 @@ from __future__ import annotations
 from collections.abc import Mapping
 from dataclasses import dataclass, replace
 
-from vit.configs import model_config
 from vit.engine.config import CheckpointConfig, DataConfig, ModelConfig, OptimConfig, TrainConfig
-
-
-@dataclass(frozen=True)
-class PretrainRecipe:
-    model: str
-    dataset: str  # "jft300m", "imagenet21k", "imagenet"
-    epochs: float
-    base_lr: float
-    decay: str
-    weight_decay: float
-    dropout: float
-    batch_size: int = 4096
-    warmup_steps: int = 10_000
-    linear_end: float = 1e-5
-    image_size: int = 224
-    grad_clip: float | None = None
-    head_bias_init: float = -10.0
-
-    def train_config(self, dataset_uri: str, checkpoint_dir: str | None, **overrides) -> TrainConfig:
-        cfg = TrainConfig(
-            objective="classification",
-            loss="sigmoid",
-            model=ModelConfig(
-                name=self.model,
-                image_size=self.image_size,
-                representation_size=model_config(self.model).hidden_size,
-                dropout=self.dropout,
-                head_bias_init=self.head_bias_init,
-            ),
-            data=DataConfig(dataset=dataset_uri, train_split="train", train_transform="pretrain"),
-            optim=OptimConfig(
-                name="adam",
-                lr=self.base_lr,
-                weight_decay=self.weight_decay,
-                warmup_steps=self.warmup_steps,
-                decay=self.decay,  # type: ignore[arg-type]
-                linear_end=self.linear_end,
-                grad_clip=self.grad_clip,
-            ),
-            checkpoint=CheckpointConfig(dir=checkpoint_dir),
-            batch_size=self.batch_size,
-            epochs=self.epochs,
-        )
-        return replace(cfg, **overrides)
-
-
-def _jft(model: str, epochs: float, lr: float) -> PretrainRecipe:
-    return PretrainRecipe(model, "jft300m", epochs, lr, "linear", 0.1, 0.0)
-
-
-def _i21k(model: str, epochs: float) -> PretrainRecipe:
-    return PretrainRecipe(model, "imagenet21k", epochs, 1e-3, "linear", 0.03, 0.1)
-
-
-def _i1k(model: str) -> PretrainRecipe:
-    return PretrainRecipe(model, "imagenet", 300, 3e-3, "cosine", 0.3, 0.1, grad_clip=1.0, head_bias_init=-6.9)
-
-
-# Table 3 of the paper, keyed "<model>/<dataset>". ResNet-only rows are omitted (vitflow has no plain ResNets).
-TABLE3: dict[str, PretrainRecipe] = {
-    "vit_b_16/jft300m": _jft("vit_b_16", 7, 8e-4),
-    "vit_b_32/jft300m": _jft("vit_b_32", 7, 8e-4),
-    "vit_l_32/jft300m": _jft("vit_l_32", 7, 6e-4),
-    "vit_l_16/jft300m": _jft("vit_l_16", 7, 4e-4),
-    "vit_l_16/jft300m-14ep": _jft("vit_l_16", 14, 4e-4),
-    "vit_h_14/jft300m": _jft("vit_h_14", 14, 3e-4),
-    "r50_vit_b_16/jft300m": _jft("r50_vit_b_16", 7, 8e-4),
-    "r50_vit_l_32/jft300m": _jft("r50_vit_l_32", 7, 2e-4),
-    "vit_b_16/imagenet21k": _i21k("vit_b_16", 90),
-    "vit_b_32/imagenet21k": _i21k("vit_b_32", 90),
-    "vit_l_16/imagenet21k": _i21k("vit_l_16", 90),
-    "vit_l_32/imagenet21k": _i21k("vit_l_32", 90),
-    "vit_l_16/imagenet21k-30ep": _i21k("vit_l_16", 30),
-    "vit_l_32/imagenet21k-30ep": _i21k("vit_l_32", 30),
-    "vit_b_16/imagenet": _i1k("vit_b_16"),
-    "vit_b_32/imagenet": _i1k("vit_b_32"),
-    "vit_l_16/imagenet": _i1k("vit_l_16"),
-    "vit_l_32/imagenet": _i1k("vit_l_32"),
-}
 
 
 @dataclass(frozen=True)
@@ -124,12 +42,13 @@ class FinetuneRecipe:
         train_split: str,
         eval_split: str | None,
         checkpoint_dir: str | None,
+        dropout: float | None = None,
         **overrides,
     ) -> TrainConfig:
         cfg = TrainConfig(
             objective="classification",
             loss="softmax",
-            model=ModelConfig(image_size=self.image_size, init=init, dropout=0.0),
+            model=ModelConfig(image_size=self.image_size, init=init, dropout=dropout),
             data=DataConfig(
                 dataset=dataset_uri,
                 train_split=train_split,
@@ -167,11 +86,6 @@ TABLE4: dict[str, FinetuneRecipe] = {
         transform="vtab",
         eval_transform="vtab",
     ),
-}
-# Table 2's ImageNet numbers: 512 px (L/16) or 518 px (H/14) with Polyak averaging 0.9999.
-IMAGENET_TABLE2 = {
-    "vit_l_16": replace(TABLE4["imagenet"], image_size=512, polyak=0.9999),
-    "vit_h_14": replace(TABLE4["imagenet"], image_size=518, polyak=0.9999),
 }
 
 

@@ -93,7 +93,7 @@ def train(cfg: TrainConfig, callbacks: Sequence[Callback] = (), dist: DistInfo |
     loader = ds.loader(
         cfg.data.train_split,
         micro,
-        build_transform(cfg.data.train_transform, size),
+        build_transform(cfg.data.train_transform, size, cfg.data.resize),
         shuffle=True,
         seed=cfg.seed,
         repeat=True,
@@ -110,7 +110,7 @@ def train(cfg: TrainConfig, callbacks: Sequence[Callback] = (), dist: DistInfo |
 
     evaluate_fn = None
     if cfg.data.eval_split and cfg.objective == "classification":
-        eval_transform = build_transform(cfg.data.eval_transform, size)
+        eval_transform = build_transform(cfg.data.eval_transform, size, cfg.data.resize)
 
         def evaluate_fn(m: nn.Module) -> dict[str, float]:
             batches = ds.loader(

@@ -313,7 +313,12 @@ class Trainer:
         cfg = self.cfg
         for group in self.optimizer.param_groups:
             group["lr"] = lr_at(
-                self.step, cfg.optim.lr, self.total_steps, cfg.optim.warmup_steps, cfg.optim.decay, cfg.optim.linear_end
+                self.step - 1,
+                cfg.optim.lr,
+                self.total_steps,
+                cfg.optim.warmup_steps,
+                cfg.optim.decay,
+                cfg.optim.linear_end,
             )
         self.optimizer.zero_grad(set_to_none=True)
         total_loss = torch.zeros((), device=self.dist.device)
