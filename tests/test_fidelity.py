@@ -214,10 +214,8 @@ def test_fewshot_evaluation_uses_the_fewshot_preprocessing(tmp_path):
     uri = prepare_dataset("synthetic-vtab:natural_fine,test=40", "fine", str(tmp_path), progress=False)
     torch.manual_seed(0)
     model = create_model("vit_micro_4", image_size=32, num_classes=0, depth=1).eval()
-    default = fewshot_on_dataset(model, uri, "train800val200", "test", shots=[2], seeds=[0], batch_size=64)
-    explicit = fewshot_on_dataset(
-        model, uri, "train800val200", "test", shots=[2], seeds=[0], batch_size=64, transform="fewshot"
-    )
+    default = fewshot_on_dataset(model, uri, "test", "test", shots=[1], seeds=[0], batch_size=64)
+    explicit = fewshot_on_dataset(model, uri, "test", "test", shots=[1], seeds=[0], batch_size=64, transform="fewshot")
     assert default["accuracy"].tolist() == explicit["accuracy"].tolist()
 
 

@@ -1,4 +1,5 @@
-"""Image transforms of the paper's protocol (paper-facts §6-7), built from torchvision.transforms.v2 kernels.
+"""Image transforms of the official protocol (vit_jax input_pipeline.py, big_vision configs/common_fewshot.py),
+built from torchvision.transforms.v2 kernels.
 
 Every kind ends in float32 CHW in [-1, 1] (``x / 127.5 - 1``, the official ``value_range(-1, 1)``):
 

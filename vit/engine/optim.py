@@ -40,17 +40,13 @@ def lr_at(step: int, base_lr: float, total_steps: int, warmup_steps: int, decay:
     return lr
 
 
-def kernel_parameters(model: nn.Module) -> set[int]:
-    """Ids of the weight matrices of dense and convolution layers: what big_vision's ``wd_mults=[(".*/kernel$",
-    1.0)]`` decays; biases, norm scales, position embeddings and the class token are not kernels."""
-    return {id(m.weight) for m in model.modules() if isinstance(m, nn.Linear | nn.Conv2d)}
-
-
 def _param_groups(model: nn.Module, weight_decay: float, on: str) -> list[dict]:
+    """``on="kernels"``: only the weights of dense and convolution layers decay, as big_vision's
+    ``wd_mults=[(".*/kernel$", 1.0)]``; biases, norm scales, position embeddings and the class token do not."""
     params = [p for p in model.parameters() if p.requires_grad]
     if on == "all" or weight_decay == 0.0:
         return [{"params": params, "weight_decay": weight_decay}]
-    kernels = kernel_parameters(model)
+    kernels = {id(m.weight) for m in model.modules() if isinstance(m, nn.Linear | nn.Conv2d)}
     return [
         {"params": [p for p in params if id(p) in kernels], "weight_decay": weight_decay},
         {"params": [p for p in params if id(p) not in kernels], "weight_decay": 0.0},
