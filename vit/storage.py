@@ -131,8 +131,9 @@ def s3_client(attempts: int = S3_ATTEMPTS):
     retrying ("standard" mode gives up once its quota is spent). ``attempts=1``: one try, for start-up checks."""
     key = (
         os.environ.get("AWS_ENDPOINT_URL_S3") or os.environ.get("AWS_ENDPOINT_URL"),
-        os.environ.get("AWS_ACCESS_KEY_ID"),
         os.environ.get("AWS_DEFAULT_REGION") or os.environ.get("AWS_REGION"),
+        os.environ.get("AWS_ACCESS_KEY_ID"),
+        os.environ.get("AWS_SECRET_ACCESS_KEY"),
         attempts,
     )
     with _clients_lock:
@@ -147,7 +148,7 @@ def s3_client(attempts: int = S3_ATTEMPTS):
                 read_timeout=60,
                 s3={"addressing_style": "path"} if key[0] else None,
             )
-            client = boto3.session.Session().client("s3", region_name=key[2] or "us-east-1", config=config)
+            client = boto3.session.Session().client("s3", region_name=key[1] or "us-east-1", config=config)
             _clients[key] = client
         return client
 
