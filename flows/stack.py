@@ -18,8 +18,11 @@ of the last ``up``, else 4200 (Prefect), 5050 (MLflow; not 5000, moto's default)
 nine more ports for its internal parts (S3 gRPC, master, volume, filer and admin, HTTP and gRPC each): the nine after
 the S3 port (8334-8342 by default). ``down`` stops exactly the process groups whose pid files ``up`` wrote.
 
-SeaweedFS's internal ports (filer, volume, master, admin UI) are unauthenticated, as in any default SeaweedFS: the
-stack is for one person on their own machine, bound to 127.0.0.1 only.
+Nothing of the stack answers without the stack's keys (``credentials.json``): the S3 API checks signatures;
+MLflow runs its basic-auth app (user ``AWS_ACCESS_KEY_ID``, password ``AWS_SECRET_ACCESS_KEY``), so its artifact
+proxy too; Prefect's API checks ``PREFECT_API_AUTH_STRING`` (its UI page loads, then asks for it); SeaweedFS's
+internal ports (master, volume, filer, admin; HTTP and gRPC) take only peers holding the stack's certificate
+(``tls/``, made by ``up``), and its UIs are off. Everything is bound to 127.0.0.1.
 """
 
 from __future__ import annotations
@@ -703,10 +706,13 @@ def register(app: typer.Typer) -> None:
         last `up` of this home, else the defaults; SeaweedFS also takes the 9 ports after the S3 port.
 
         The URLs go to stderr, the environment to export to stdout and to `HOME/stack/env.sh` (mode 0600):
-        `PREFECT_API_URL`, `MLFLOW_TRACKING_URI`, `AWS_ENDPOINT_URL_S3`, `AWS_ACCESS_KEY_ID`,
-        `AWS_SECRET_ACCESS_KEY`, `AWS_DEFAULT_REGION`, `VITFLOW_ARTIFACT_ROOT=s3://vitflow-artifacts`. So either
+        `PREFECT_API_URL`, `PREFECT_API_AUTH_STRING`, `MLFLOW_TRACKING_URI`, `MLFLOW_TRACKING_USERNAME`,
+        `MLFLOW_TRACKING_PASSWORD`, `AWS_ENDPOINT_URL_S3`, `AWS_ACCESS_KEY_ID`, `AWS_SECRET_ACCESS_KEY`,
+        `AWS_DEFAULT_REGION`, `VITFLOW_ARTIFACT_ROOT=s3://vitflow-artifacts`. So either
         `source HOME/stack/env.sh` or `eval "$(vitflow up)"`. The S3 keys are taken from `AWS_ACCESS_KEY_ID` /
-        `AWS_SECRET_ACCESS_KEY` when set, else generated once and kept in `HOME/stack/credentials.json`.
+        `AWS_SECRET_ACCESS_KEY` when set, else generated once and kept in `HOME/stack/credentials.json`. Every
+        service asks for them: the MLflow UI (user = access key, password = secret key), the Prefect UI
+        (`ACCESS_KEY:SECRET_KEY`), S3; SeaweedFS's other ports take only the stack's own certificate.
 
         Stop it with `vitflow down`. Exit codes: 0 up, 1 a service failed to start (the message names its log),
         2 a port is taken or invalid."""
