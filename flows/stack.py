@@ -23,6 +23,10 @@ MLflow runs its basic-auth app (user ``AWS_ACCESS_KEY_ID``, password ``AWS_SECRE
 proxy too; Prefect's API checks ``PREFECT_API_AUTH_STRING`` (its UI page loads, then asks for it); SeaweedFS's
 internal ports (master, volume, filer, admin; HTTP and gRPC) take only peers holding the stack's certificate
 (``tls/``, made by ``up``), and its UIs are off. Everything is bound to 127.0.0.1.
+
+The supervision (``posix_spawn`` into a new session, pid files, psutil checks) is by hand: supervisord or honcho
+would add a daemon or a foreground process of their own, while ``up`` must return and ``down`` from another shell
+must find exactly this home's processes.
 """
 
 from __future__ import annotations
@@ -684,77 +688,80 @@ HomeOption = Annotated[
 ]
 
 
+def up_command(
+    home: HomeOption = Path(".vitflow"),
+    prefect_port: Annotated[int | None, typer.Option(help="Prefect server and UI. [default: 4200]")] = None,
+    mlflow_port: Annotated[int | None, typer.Option(help="MLflow server and UI. [default: 5050]")] = None,
+    s3_port: Annotated[
+        int | None, typer.Option(help="SeaweedFS S3 API; SeaweedFS also uses the 9 ports after it. [default: 8333]")
+    ] = None,
+    timeout: Annotated[float, typer.Option(help="Seconds to wait for the services to become healthy.")] = 120.0,
+) -> None:
+    """Start the local stack on 127.0.0.1, without Docker: a **Prefect** server (SQLite), an **MLflow** server
+    (SQLite, artifacts proxied to S3) and a **SeaweedFS** S3 server (credentials enforced), then create the
+    buckets `vitflow-artifacts` and `vitflow-mlflow` and wait until all three are healthy.
+
+    Data persists in `HOME/stack/` (S3 data in `seaweedfs/`, `mlflow.db`, `prefect/`); logs are in
+    `HOME/stack/logs/`. Running `up` again leaves running services alone. Ports not given are those of the
+    last `up` of this home, else the defaults; SeaweedFS also takes the 9 ports after the S3 port.
+
+    The URLs go to stderr, the environment to export to stdout and to `HOME/stack/env.sh` (mode 0600):
+    `PREFECT_API_URL`, `PREFECT_API_AUTH_STRING`, `MLFLOW_TRACKING_URI`, `MLFLOW_TRACKING_USERNAME`,
+    `MLFLOW_TRACKING_PASSWORD`, `AWS_ENDPOINT_URL_S3`, `AWS_ACCESS_KEY_ID`, `AWS_SECRET_ACCESS_KEY`,
+    `AWS_DEFAULT_REGION`, `VITFLOW_ARTIFACT_ROOT=s3://vitflow-artifacts`. So either
+    `source HOME/stack/env.sh` or `eval "$(vitflow up)"`. The S3 keys are taken from `AWS_ACCESS_KEY_ID` /
+    `AWS_SECRET_ACCESS_KEY` when set, else generated once and kept in `HOME/stack/credentials.json`. Every
+    service asks for them: the MLflow UI (user = access key, password = secret key), the Prefect UI
+    (`ACCESS_KEY:SECRET_KEY`), S3; SeaweedFS's other ports take only the stack's own certificate.
+
+    Stop it with `vitflow down`. Exit codes: 0 up, 1 a service failed to start (the message names its log),
+    2 a port is taken or invalid."""
+    given = {"prefect": prefect_port, "mlflow": mlflow_port, "s3": s3_port}
+    try:
+        base = saved_ports(home) or StackPorts()
+        ports = replace(base, **{key: port for key, port in given.items() if port is not None})
+        info = up(home, ports, timeout=timeout)
+    except PortError as exc:
+        typer.echo(f"error: {exc}", err=True)
+        raise typer.Exit(2) from None
+    except StackError as exc:
+        typer.echo(f"error: {exc}", err=True)
+        raise typer.Exit(1) from None
+    for name in SERVICES:
+        state = "already running" if name in info.already_running else "started"
+        typer.echo(f"{name:<10} {state} (pid {info.pids[name]})", err=True)
+    for name, url in info.urls.items():
+        typer.echo(f"{name:<16} {url}", err=True)
+    typer.echo(f"\nexport the environment with: source {stack_dir(info.home) / 'env.sh'}\n", err=True)
+    typer.echo(info.exports(), nl=False)
+
+
+def down_command(
+    home: HomeOption = Path(".vitflow"),
+    timeout: Annotated[float, typer.Option(help="Seconds to wait after SIGTERM before SIGKILL.")] = 30.0,
+) -> None:
+    """Stop the local stack that `vitflow up` started: exactly the process groups named by the pid files in
+    `HOME/stack/`, nothing else. Data stays in `HOME/stack/` for the next `vitflow up`."""
+    stopped = down(home, timeout)
+    typer.echo(f"stopped: {', '.join(stopped)}" if stopped else "nothing was running")
+
+
+def status_command(home: HomeOption = Path(".vitflow")) -> None:
+    """Show which services of the local stack run, whether they answer their health checks, and their URLs.
+    Exit code 0 when all three are running and healthy, else 1."""
+    states = status(home)
+    for name, state in states.items():
+        if state.pid is None:
+            typer.echo(f"{name:<10} stopped")
+        else:
+            health = "healthy" if state.healthy else "NOT answering"
+            typer.echo(f"{name:<10} pid {state.pid}, {health}, {state.url}")
+    if not all(state.pid and state.healthy for state in states.values()):
+        raise typer.Exit(1)
+
+
 def register(app: typer.Typer) -> None:
     """Add ``up``, ``down`` and ``stack-status`` to the ``vitflow`` command line."""
-
-    @app.command("up")
-    def up_command(
-        home: HomeOption = Path(".vitflow"),
-        prefect_port: Annotated[int | None, typer.Option(help="Prefect server and UI. [default: 4200]")] = None,
-        mlflow_port: Annotated[int | None, typer.Option(help="MLflow server and UI. [default: 5050]")] = None,
-        s3_port: Annotated[
-            int | None, typer.Option(help="SeaweedFS S3 API; SeaweedFS also uses the 9 ports after it. [default: 8333]")
-        ] = None,
-        timeout: Annotated[float, typer.Option(help="Seconds to wait for the services to become healthy.")] = 120.0,
-    ) -> None:
-        """Start the local stack on 127.0.0.1, without Docker: a **Prefect** server (SQLite), an **MLflow** server
-        (SQLite, artifacts proxied to S3) and a **SeaweedFS** S3 server (credentials enforced), then create the
-        buckets `vitflow-artifacts` and `vitflow-mlflow` and wait until all three are healthy.
-
-        Data persists in `HOME/stack/` (S3 data in `seaweedfs/`, `mlflow.db`, `prefect/`); logs are in
-        `HOME/stack/logs/`. Running `up` again leaves running services alone. Ports not given are those of the
-        last `up` of this home, else the defaults; SeaweedFS also takes the 9 ports after the S3 port.
-
-        The URLs go to stderr, the environment to export to stdout and to `HOME/stack/env.sh` (mode 0600):
-        `PREFECT_API_URL`, `PREFECT_API_AUTH_STRING`, `MLFLOW_TRACKING_URI`, `MLFLOW_TRACKING_USERNAME`,
-        `MLFLOW_TRACKING_PASSWORD`, `AWS_ENDPOINT_URL_S3`, `AWS_ACCESS_KEY_ID`, `AWS_SECRET_ACCESS_KEY`,
-        `AWS_DEFAULT_REGION`, `VITFLOW_ARTIFACT_ROOT=s3://vitflow-artifacts`. So either
-        `source HOME/stack/env.sh` or `eval "$(vitflow up)"`. The S3 keys are taken from `AWS_ACCESS_KEY_ID` /
-        `AWS_SECRET_ACCESS_KEY` when set, else generated once and kept in `HOME/stack/credentials.json`. Every
-        service asks for them: the MLflow UI (user = access key, password = secret key), the Prefect UI
-        (`ACCESS_KEY:SECRET_KEY`), S3; SeaweedFS's other ports take only the stack's own certificate.
-
-        Stop it with `vitflow down`. Exit codes: 0 up, 1 a service failed to start (the message names its log),
-        2 a port is taken or invalid."""
-        given = {"prefect": prefect_port, "mlflow": mlflow_port, "s3": s3_port}
-        try:
-            base = saved_ports(home) or StackPorts()
-            ports = replace(base, **{key: port for key, port in given.items() if port is not None})
-            info = up(home, ports, timeout=timeout)
-        except PortError as exc:
-            typer.echo(f"error: {exc}", err=True)
-            raise typer.Exit(2) from None
-        except StackError as exc:
-            typer.echo(f"error: {exc}", err=True)
-            raise typer.Exit(1) from None
-        for name in SERVICES:
-            state = "already running" if name in info.already_running else "started"
-            typer.echo(f"{name:<10} {state} (pid {info.pids[name]})", err=True)
-        for name, url in info.urls.items():
-            typer.echo(f"{name:<16} {url}", err=True)
-        typer.echo(f"\nexport the environment with: source {stack_dir(info.home) / 'env.sh'}\n", err=True)
-        typer.echo(info.exports(), nl=False)
-
-    @app.command("down")
-    def down_command(
-        home: HomeOption = Path(".vitflow"),
-        timeout: Annotated[float, typer.Option(help="Seconds to wait after SIGTERM before SIGKILL.")] = 30.0,
-    ) -> None:
-        """Stop the local stack that `vitflow up` started: exactly the process groups named by the pid files in
-        `HOME/stack/`, nothing else. Data stays in `HOME/stack/` for the next `vitflow up`."""
-        stopped = down(home, timeout)
-        typer.echo(f"stopped: {', '.join(stopped)}" if stopped else "nothing was running")
-
-    @app.command("stack-status")
-    def status_command(home: HomeOption = Path(".vitflow")) -> None:
-        """Show which services of the local stack run, whether they answer their health checks, and their URLs.
-        Exit code 0 when all three are running and healthy, else 1."""
-        states = status(home)
-        for name, state in states.items():
-            if state.pid is None:
-                typer.echo(f"{name:<10} stopped")
-            else:
-                health = "healthy" if state.healthy else "NOT answering"
-                typer.echo(f"{name:<10} pid {state.pid}, {health}, {state.url}")
-        if not all(state.pid and state.healthy for state in states.values()):
-            raise typer.Exit(1)
+    app.command("up")(up_command)
+    app.command("down")(down_command)
+    app.command("stack-status")(status_command)

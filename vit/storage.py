@@ -418,6 +418,8 @@ def fetch(uri: str | os.PathLike) -> Path:
 
     An S3 object is cached under its URI and ETag, so an object rewritten in place (a bucket reused, a file
     replaced by hand) is downloaded again rather than served stale; https checkpoints are immutable releases.
+    By hand: fsspec's file cache would need s3fs (aiobotocore, a second S3 client with its own retries and
+    credentials) for what is one HEAD and one download on the boto3 client.
     """
     s = validate_uri(str(uri))
     if not (is_s3(s) or is_http(s)):
