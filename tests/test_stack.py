@@ -83,6 +83,7 @@ def s3(info: stack.StackInfo, keys: tuple[str, str] | None = None, unsigned: boo
 
 def http_status(url: str, method: str = "GET", data: bytes | None = None, auth: tuple[str, str] | None = None) -> int:
     headers = {"Authorization": "Basic " + base64.b64encode(":".join(auth).encode()).decode()} if auth else {}
+    headers["Content-Type"] = "application/json"
     request = urllib.request.Request(url, method=method, data=data, headers=headers)
     with urllib.request.build_opener(urllib.request.ProxyHandler({})).open(request, timeout=10) as response:
         return response.status
@@ -205,6 +206,14 @@ def test_no_port_of_the_stack_serves_or_accepts_data_without_the_credentials(run
                     assert status not in range(200, 300), (port, method, path, tls, status)
     listing = s3(running).list_objects_v2(Bucket="vitflow-artifacts").get("Contents", [])
     assert "anon.txt" not in {obj["Key"] for obj in listing}
+    # with the keys `up` exported, the same services answer
+    search = f"{running.urls['mlflow']}/api/2.0/mlflow/experiments/search?max_results=10"
+    assert (
+        http_status(search, auth=(running.env["MLFLOW_TRACKING_USERNAME"], running.env["MLFLOW_TRACKING_PASSWORD"]))
+        == 200
+    )
+    flows = f"{running.env['PREFECT_API_URL']}/flows/filter"
+    assert http_status(flows, "POST", b"{}", auth=tuple(running.env["PREFECT_API_AUTH_STRING"].split(":", 1))) == 200
 
 
 def test_cli_prints_the_environment_and_status(running):
