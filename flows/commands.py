@@ -57,6 +57,17 @@ def _spec(preset: str, overrides: list[str] | None):
         raise _fail(_validation_message(e), EXIT_BAD_INPUT) from None
 
 
+def _check_artifact_root(root: str) -> None:
+    """An artifact root that cannot be written (unreachable endpoint, unknown bucket, bad credentials) is bad
+    input: refused in seconds, before any server starts."""
+    from vit import storage
+
+    try:
+        storage.check_writable(root)
+    except storage.StorageError as e:
+        raise _fail(f"artifact_root: {e}", EXIT_BAD_INPUT) from None
+
+
 def _where_to_look(summary: dict, tracking_uri: str) -> None:
     typer.echo("")
     typer.echo(summary.get("table", ""))
@@ -97,6 +108,7 @@ def run(
     if dry_run:
         typer.echo(json.dumps(spec.model_dump(mode="json"), indent=2))
         return
+    _check_artifact_root(spec.resolved_artifact_root())
     server = prefect_server.start_if_needed()  # it boots while the flows are imported
     from flows.benchmark import benchmark, preload_imports
 

@@ -18,8 +18,15 @@ of the last ``up``, else 4200 (Prefect), 5050 (MLflow; not 5000, moto's default)
 nine more ports for its internal parts (S3 gRPC, master, volume, filer and admin, HTTP and gRPC each): the nine after
 the S3 port (8334-8342 by default). ``down`` stops exactly the process groups whose pid files ``up`` wrote.
 
-SeaweedFS's internal ports (filer, volume, master, admin UI) are unauthenticated, as in any default SeaweedFS: the
-stack is for one person on their own machine, bound to 127.0.0.1 only.
+Nothing of the stack answers without the stack's keys (``credentials.json``): the S3 API checks signatures;
+MLflow runs its basic-auth app (user ``AWS_ACCESS_KEY_ID``, password ``AWS_SECRET_ACCESS_KEY``), so its artifact
+proxy too; Prefect's API checks ``PREFECT_API_AUTH_STRING`` (its UI page loads, then asks for it); SeaweedFS's
+internal ports (master, volume, filer, admin; HTTP and gRPC) take only peers holding the stack's certificate
+(``tls/``, made by ``up``), and its UIs are off. Everything is bound to 127.0.0.1.
+
+The supervision (``posix_spawn`` into a new session, pid files, psutil checks) is by hand: supervisord or honcho
+would add a daemon or a foreground process of their own, while ``up`` must return and ``down`` from another shell
+must find exactly this home's processes.
 """
 
 from __future__ import annotations
@@ -221,11 +228,74 @@ def health_urls(ports: StackPorts) -> dict[str, str]:
     }
 
 
-def build_services(home: Path, ports: StackPorts, keys: tuple[str, str], mlflow_bucket: str) -> dict[str, Service]:
-    root = stack_dir(home)
-    s3_url = f"http://{HOST}:{ports.s3}"
-    aws = {"AWS_ACCESS_KEY_ID": keys[0], "AWS_SECRET_ACCESS_KEY": keys[1], "AWS_DEFAULT_REGION": REGION}
-    weed = [
+def make_certificates(directory: Path) -> dict[str, str]:
+    """A private CA and one certificate for 127.0.0.1 (client and server use) in ``directory``, made once; the
+    key files are mode 0600. SeaweedFS's internal ports (master, volume, filer, admin; HTTP and gRPC) accept
+    only peers that present this certificate, so nothing but SeaweedFS itself can talk to them."""
+    import datetime
+    import ipaddress
+
+    from cryptography import x509
+    from cryptography.hazmat.primitives import hashes, serialization
+    from cryptography.hazmat.primitives.asymmetric import ec
+    from cryptography.x509.oid import ExtendedKeyUsageOID, NameOID
+
+    files = {"ca": directory / "ca.pem", "cert": directory / "cert.pem", "key": directory / "key.pem"}
+    if all(path.exists() for path in files.values()):
+        return {name: str(path) for name, path in files.items()}
+    directory.mkdir(parents=True, exist_ok=True, mode=0o700)
+    now = datetime.datetime.now(datetime.UTC)
+
+    def certificate(subject: str, issuer: x509.Name, public_key, signer, ca: bool) -> x509.Certificate:
+        builder = (
+            x509.CertificateBuilder()
+            .subject_name(x509.Name([x509.NameAttribute(NameOID.COMMON_NAME, subject)]))
+            .issuer_name(issuer)
+            .public_key(public_key)
+            .serial_number(x509.random_serial_number())
+            .not_valid_before(now - datetime.timedelta(days=1))
+            .not_valid_after(now + datetime.timedelta(days=3650))
+            .add_extension(x509.BasicConstraints(ca=ca, path_length=0 if ca else None), critical=True)
+        )
+        if not ca:
+            usage = [ExtendedKeyUsageOID.SERVER_AUTH, ExtendedKeyUsageOID.CLIENT_AUTH]
+            names = [x509.IPAddress(ipaddress.ip_address(HOST)), x509.DNSName("localhost")]
+            builder = builder.add_extension(x509.ExtendedKeyUsage(usage), critical=False)
+            builder = builder.add_extension(x509.SubjectAlternativeName(names), critical=False)
+        return builder.sign(signer, hashes.SHA256())
+
+    ca_key, key = ec.generate_private_key(ec.SECP256R1()), ec.generate_private_key(ec.SECP256R1())
+    ca_name = x509.Name([x509.NameAttribute(NameOID.COMMON_NAME, "vitflow-stack-ca")])
+    ca = certificate("vitflow-stack-ca", ca_name, ca_key.public_key(), ca_key, ca=True)
+    cert = certificate("vitflow-stack", ca_name, key.public_key(), ca_key, ca=False)
+    pem = serialization.Encoding.PEM
+    write_private(
+        files["key"], key.private_bytes(pem, serialization.PrivateFormat.PKCS8, serialization.NoEncryption()).decode()
+    )
+    files["cert"].write_text(cert.public_bytes(pem).decode())
+    files["ca"].write_text(ca.public_bytes(pem).decode())  # last: its presence means the set is complete
+    return {name: str(path) for name, path in files.items()}
+
+
+def seaweedfs_security(tls: dict[str, str]) -> dict[str, str]:
+    """SeaweedFS's ``security.toml`` as environment variables: mutual TLS on every internal gRPC and HTTP port,
+    JWTs (random per start) for the filer's and the volume server's HTTP, no UIs. Only the S3 API answers a
+    client without the stack's certificate, and it checks signatures."""
+    env = {"WEED_GRPC_CA": tls["ca"], "WEED_ACCESS_UI": "false"}
+    env["WEED_FILER_EXPOSE_DIRECTORY_METADATA_ENABLED"] = "false"
+    for part in ("MASTER", "VOLUME", "FILER", "S3", "ADMIN", "WORKER", "CLIENT"):
+        env |= {f"WEED_GRPC_{part}_CERT": tls["cert"], f"WEED_GRPC_{part}_KEY": tls["key"]}
+    for part in ("MASTER", "VOLUME", "FILER", "ADMIN", "CLIENT"):
+        env |= {f"WEED_HTTPS_{part}_CERT": tls["cert"], f"WEED_HTTPS_{part}_KEY": tls["key"]}
+        env[f"WEED_HTTPS_{part}_CA"] = tls["ca"]
+    env["WEED_HTTPS_CLIENT_ENABLED"] = "true"
+    for jwt in ("SIGNING", "SIGNING_READ", "FILER_SIGNING", "FILER_SIGNING_READ"):
+        env[f"WEED_JWT_{jwt}_KEY"] = secrets.token_hex(32)
+    return env
+
+
+def seaweedfs_argv(root: Path, ports: StackPorts) -> list[str]:
+    return [
         executable("weed"),
         "mini",
         f"-dir={root / 'seaweedfs'}",
@@ -233,13 +303,41 @@ def build_services(home: Path, ports: StackPorts, keys: tuple[str, str], mlflow_
         f"-ip.bind={HOST}",
         "-master.telemetry=false",
         "-webdav=false",
+        "-admin.ui=false",
+        "-s3.autoCreateBucket=false",  # a mistyped bucket is an error, not a new bucket
         "-s3.port.iceberg=0",
         "-s3.port.lance=0",
         *(f"-{flag}={port}" for flag, port in ports.seaweedfs_ports().items()),
         *unix_socket_flags(root / "run"),
     ]
+
+
+def mlflow_auth(root: Path, keys: tuple[str, str]) -> dict[str, str]:
+    """MLflow's basic-auth app with the stack's keys as its admin: every route but ``/health`` (artifact
+    downloads and uploads included) needs them. Its user store is made anew at each start, so the admin is
+    always the current key pair."""
+    root.mkdir(parents=True, exist_ok=True, mode=0o700)
+    (root / "mlflow-auth.db").unlink(missing_ok=True)
+    config = root / "mlflow-auth.ini"
+    config.write_text(
+        "[mlflow]\ndefault_permission = NO_PERMISSIONS\n"
+        f"database_uri = sqlite:///{root / 'mlflow-auth.db'}\nadmin_username = {keys[0]}\n"
+        "authorization_function = mlflow.server.auth:authenticate_request_basic_auth\n"
+    )
+    return {
+        "MLFLOW_AUTH_CONFIG_PATH": str(config),
+        "MLFLOW_AUTH_ADMIN_PASSWORD": keys[1],
+        "MLFLOW_FLASK_SERVER_SECRET_KEY": secrets.token_hex(32),  # CSRF tokens of the UI's login session
+    }
+
+
+def build_services(home: Path, ports: StackPorts, keys: tuple[str, str], mlflow_bucket: str) -> dict[str, Service]:
+    root = stack_dir(home)
+    s3_url = f"http://{HOST}:{ports.s3}"
+    aws = {"AWS_ACCESS_KEY_ID": keys[0], "AWS_SECRET_ACCESS_KEY": keys[1], "AWS_DEFAULT_REGION": REGION}
+    weed_env = {**aws, **seaweedfs_security(make_certificates(root / "tls"))}
     mlflow = [
-        *(sys.executable, "-m", "mlflow", "server"),
+        *(sys.executable, "-m", "mlflow", "server", "--app-name", "basic-auth"),
         *("--backend-store-uri", f"sqlite:///{root / 'mlflow.db'}"),
         *("--artifacts-destination", f"s3://{mlflow_bucket}"),
         *("--host", HOST, "--port", str(ports.mlflow), "--workers", "1"),
@@ -249,6 +347,7 @@ def build_services(home: Path, ports: StackPorts, keys: tuple[str, str], mlflow_
         "PREFECT_HOME": str(root / "prefect"),
         "PREFECT_API_URL": prefect_api,
         "PREFECT_UI_API_URL": prefect_api,
+        "PREFECT_SERVER_API_AUTH_STRING": f"{keys[0]}:{keys[1]}",
         "PREFECT_SERVER_DATABASE_CONNECTION_URL": f"sqlite+aiosqlite:///{root / 'prefect' / 'prefect.db'}",
         "PREFECT_SERVER_ANALYTICS_ENABLED": "false",
     }
@@ -256,32 +355,21 @@ def build_services(home: Path, ports: StackPorts, keys: tuple[str, str], mlflow_
     # MLflow's job runner (GenAI scorers, trace roll-ups) adds eight processes vitflow never uses.
     mlflow_env = {**aws, "MLFLOW_S3_ENDPOINT_URL": s3_url, "AWS_ENDPOINT_URL_S3": s3_url}
     mlflow_env["MLFLOW_SERVER_ENABLE_JOB_EXECUTION"] = os.environ.get("MLFLOW_SERVER_ENABLE_JOB_EXECUTION", "false")
+    seaweedfs_ports = tuple(ports.seaweedfs_ports().values())
     return {
         "seaweedfs": Service(
-            "seaweedfs",
-            "SeaweedFS",
-            weed,
-            service_env(home, "seaweedfs", aws),
-            tuple(ports.seaweedfs_ports().values()),
-            "--s3-port",
+            "seaweedfs", "SeaweedFS", seaweedfs_argv(root, ports), service_env(home, "seaweedfs", weed_env),
+            seaweedfs_ports, "--s3-port",
         ),
         "mlflow": Service(
-            "mlflow",
-            "MLflow",
-            mlflow,
-            service_env(home, "mlflow", mlflow_env),
-            (ports.mlflow,),
-            "--mlflow-port",
+            "mlflow", "MLflow", mlflow, service_env(home, "mlflow", {**mlflow_env, **mlflow_auth(root, keys)}),
+            (ports.mlflow,), "--mlflow-port",
         ),
         "prefect": Service(
-            "prefect",
-            "Prefect",
-            prefect,
-            service_env(home, "prefect", prefect_env),
-            (ports.prefect,),
+            "prefect", "Prefect", prefect, service_env(home, "prefect", prefect_env), (ports.prefect,),
             "--prefect-port",
         ),
-    }
+    }  # fmt: skip
 
 
 # --------------------------------------------------------------------------------------------------------------
@@ -476,7 +564,10 @@ def stack_env(ports: StackPorts, keys: tuple[str, str], artifact_bucket: str) ->
     """What a client of the stack exports."""
     return {
         "PREFECT_API_URL": f"http://{HOST}:{ports.prefect}/api",
+        "PREFECT_API_AUTH_STRING": f"{keys[0]}:{keys[1]}",
         "MLFLOW_TRACKING_URI": f"http://{HOST}:{ports.mlflow}",
+        "MLFLOW_TRACKING_USERNAME": keys[0],
+        "MLFLOW_TRACKING_PASSWORD": keys[1],
         "AWS_ENDPOINT_URL_S3": f"http://{HOST}:{ports.s3}",
         "AWS_ACCESS_KEY_ID": keys[0],
         "AWS_SECRET_ACCESS_KEY": keys[1],
@@ -486,14 +577,11 @@ def stack_env(ports: StackPorts, keys: tuple[str, str], artifact_bucket: str) ->
 
 
 def stack_urls(ports: StackPorts) -> dict[str, str]:
-    """The UIs and endpoints, for people."""
-    seaweedfs = ports.seaweedfs_ports()
+    """The UIs and endpoints, for people (SeaweedFS's own UIs are off: only its S3 API is for clients)."""
     return {
         "prefect": f"http://{HOST}:{ports.prefect}",
         "mlflow": f"http://{HOST}:{ports.mlflow}",
         "s3": f"http://{HOST}:{ports.s3}",
-        "seaweedfs-admin": f"http://{HOST}:{seaweedfs['admin.port']}",
-        "seaweedfs-filer": f"http://{HOST}:{seaweedfs['filer.port']}",
     }
 
 
@@ -600,74 +688,80 @@ HomeOption = Annotated[
 ]
 
 
+def up_command(
+    home: HomeOption = Path(".vitflow"),
+    prefect_port: Annotated[int | None, typer.Option(help="Prefect server and UI. [default: 4200]")] = None,
+    mlflow_port: Annotated[int | None, typer.Option(help="MLflow server and UI. [default: 5050]")] = None,
+    s3_port: Annotated[
+        int | None, typer.Option(help="SeaweedFS S3 API; SeaweedFS also uses the 9 ports after it. [default: 8333]")
+    ] = None,
+    timeout: Annotated[float, typer.Option(help="Seconds to wait for the services to become healthy.")] = 120.0,
+) -> None:
+    """Start the local stack on 127.0.0.1, without Docker: a **Prefect** server (SQLite), an **MLflow** server
+    (SQLite, artifacts proxied to S3) and a **SeaweedFS** S3 server (credentials enforced), then create the
+    buckets `vitflow-artifacts` and `vitflow-mlflow` and wait until all three are healthy.
+
+    Data persists in `HOME/stack/` (S3 data in `seaweedfs/`, `mlflow.db`, `prefect/`); logs are in
+    `HOME/stack/logs/`. Running `up` again leaves running services alone. Ports not given are those of the
+    last `up` of this home, else the defaults; SeaweedFS also takes the 9 ports after the S3 port.
+
+    The URLs go to stderr, the environment to export to stdout and to `HOME/stack/env.sh` (mode 0600):
+    `PREFECT_API_URL`, `PREFECT_API_AUTH_STRING`, `MLFLOW_TRACKING_URI`, `MLFLOW_TRACKING_USERNAME`,
+    `MLFLOW_TRACKING_PASSWORD`, `AWS_ENDPOINT_URL_S3`, `AWS_ACCESS_KEY_ID`, `AWS_SECRET_ACCESS_KEY`,
+    `AWS_DEFAULT_REGION`, `VITFLOW_ARTIFACT_ROOT=s3://vitflow-artifacts`. So either
+    `source HOME/stack/env.sh` or `eval "$(vitflow up)"`. The S3 keys are taken from `AWS_ACCESS_KEY_ID` /
+    `AWS_SECRET_ACCESS_KEY` when set, else generated once and kept in `HOME/stack/credentials.json`. Every
+    service asks for them: the MLflow UI (user = access key, password = secret key), the Prefect UI
+    (`ACCESS_KEY:SECRET_KEY`), S3; SeaweedFS's other ports take only the stack's own certificate.
+
+    Stop it with `vitflow down`. Exit codes: 0 up, 1 a service failed to start (the message names its log),
+    2 a port is taken or invalid."""
+    given = {"prefect": prefect_port, "mlflow": mlflow_port, "s3": s3_port}
+    try:
+        base = saved_ports(home) or StackPorts()
+        ports = replace(base, **{key: port for key, port in given.items() if port is not None})
+        info = up(home, ports, timeout=timeout)
+    except PortError as exc:
+        typer.echo(f"error: {exc}", err=True)
+        raise typer.Exit(2) from None
+    except StackError as exc:
+        typer.echo(f"error: {exc}", err=True)
+        raise typer.Exit(1) from None
+    for name in SERVICES:
+        state = "already running" if name in info.already_running else "started"
+        typer.echo(f"{name:<10} {state} (pid {info.pids[name]})", err=True)
+    for name, url in info.urls.items():
+        typer.echo(f"{name:<16} {url}", err=True)
+    typer.echo(f"\nexport the environment with: source {stack_dir(info.home) / 'env.sh'}\n", err=True)
+    typer.echo(info.exports(), nl=False)
+
+
+def down_command(
+    home: HomeOption = Path(".vitflow"),
+    timeout: Annotated[float, typer.Option(help="Seconds to wait after SIGTERM before SIGKILL.")] = 30.0,
+) -> None:
+    """Stop the local stack that `vitflow up` started: exactly the process groups named by the pid files in
+    `HOME/stack/`, nothing else. Data stays in `HOME/stack/` for the next `vitflow up`."""
+    stopped = down(home, timeout)
+    typer.echo(f"stopped: {', '.join(stopped)}" if stopped else "nothing was running")
+
+
+def status_command(home: HomeOption = Path(".vitflow")) -> None:
+    """Show which services of the local stack run, whether they answer their health checks, and their URLs.
+    Exit code 0 when all three are running and healthy, else 1."""
+    states = status(home)
+    for name, state in states.items():
+        if state.pid is None:
+            typer.echo(f"{name:<10} stopped")
+        else:
+            health = "healthy" if state.healthy else "NOT answering"
+            typer.echo(f"{name:<10} pid {state.pid}, {health}, {state.url}")
+    if not all(state.pid and state.healthy for state in states.values()):
+        raise typer.Exit(1)
+
+
 def register(app: typer.Typer) -> None:
     """Add ``up``, ``down`` and ``stack-status`` to the ``vitflow`` command line."""
-
-    @app.command("up")
-    def up_command(
-        home: HomeOption = Path(".vitflow"),
-        prefect_port: Annotated[int | None, typer.Option(help="Prefect server and UI. [default: 4200]")] = None,
-        mlflow_port: Annotated[int | None, typer.Option(help="MLflow server and UI. [default: 5050]")] = None,
-        s3_port: Annotated[
-            int | None, typer.Option(help="SeaweedFS S3 API; SeaweedFS also uses the 9 ports after it. [default: 8333]")
-        ] = None,
-        timeout: Annotated[float, typer.Option(help="Seconds to wait for the services to become healthy.")] = 120.0,
-    ) -> None:
-        """Start the local stack on 127.0.0.1, without Docker: a **Prefect** server (SQLite), an **MLflow** server
-        (SQLite, artifacts proxied to S3) and a **SeaweedFS** S3 server (credentials enforced), then create the
-        buckets `vitflow-artifacts` and `vitflow-mlflow` and wait until all three are healthy.
-
-        Data persists in `HOME/stack/` (S3 data in `seaweedfs/`, `mlflow.db`, `prefect/`); logs are in
-        `HOME/stack/logs/`. Running `up` again leaves running services alone. Ports not given are those of the
-        last `up` of this home, else the defaults; SeaweedFS also takes the 9 ports after the S3 port.
-
-        The URLs go to stderr, the environment to export to stdout and to `HOME/stack/env.sh` (mode 0600):
-        `PREFECT_API_URL`, `MLFLOW_TRACKING_URI`, `AWS_ENDPOINT_URL_S3`, `AWS_ACCESS_KEY_ID`,
-        `AWS_SECRET_ACCESS_KEY`, `AWS_DEFAULT_REGION`, `VITFLOW_ARTIFACT_ROOT=s3://vitflow-artifacts`. So either
-        `source HOME/stack/env.sh` or `eval "$(vitflow up)"`. The S3 keys are taken from `AWS_ACCESS_KEY_ID` /
-        `AWS_SECRET_ACCESS_KEY` when set, else generated once and kept in `HOME/stack/credentials.json`.
-
-        Stop it with `vitflow down`. Exit codes: 0 up, 1 a service failed to start (the message names its log),
-        2 a port is taken or invalid."""
-        given = {"prefect": prefect_port, "mlflow": mlflow_port, "s3": s3_port}
-        try:
-            base = saved_ports(home) or StackPorts()
-            ports = replace(base, **{key: port for key, port in given.items() if port is not None})
-            info = up(home, ports, timeout=timeout)
-        except PortError as exc:
-            typer.echo(f"error: {exc}", err=True)
-            raise typer.Exit(2) from None
-        except StackError as exc:
-            typer.echo(f"error: {exc}", err=True)
-            raise typer.Exit(1) from None
-        for name in SERVICES:
-            state = "already running" if name in info.already_running else "started"
-            typer.echo(f"{name:<10} {state} (pid {info.pids[name]})", err=True)
-        for name, url in info.urls.items():
-            typer.echo(f"{name:<16} {url}", err=True)
-        typer.echo(f"\nexport the environment with: source {stack_dir(info.home) / 'env.sh'}\n", err=True)
-        typer.echo(info.exports(), nl=False)
-
-    @app.command("down")
-    def down_command(
-        home: HomeOption = Path(".vitflow"),
-        timeout: Annotated[float, typer.Option(help="Seconds to wait after SIGTERM before SIGKILL.")] = 30.0,
-    ) -> None:
-        """Stop the local stack that `vitflow up` started: exactly the process groups named by the pid files in
-        `HOME/stack/`, nothing else. Data stays in `HOME/stack/` for the next `vitflow up`."""
-        stopped = down(home, timeout)
-        typer.echo(f"stopped: {', '.join(stopped)}" if stopped else "nothing was running")
-
-    @app.command("stack-status")
-    def status_command(home: HomeOption = Path(".vitflow")) -> None:
-        """Show which services of the local stack run, whether they answer their health checks, and their URLs.
-        Exit code 0 when all three are running and healthy, else 1."""
-        states = status(home)
-        for name, state in states.items():
-            if state.pid is None:
-                typer.echo(f"{name:<10} stopped")
-            else:
-                health = "healthy" if state.healthy else "NOT answering"
-                typer.echo(f"{name:<10} pid {state.pid}, {health}, {state.url}")
-        if not all(state.pid and state.healthy for state in states.values()):
-            raise typer.Exit(1)
+    app.command("up")(up_command)
+    app.command("down")(down_command)
+    app.command("stack-status")(status_command)

@@ -65,7 +65,11 @@ def claim_stage(uri: str) -> Iterator[dict[str, Any] | None]:
     """The stage's recorded result when it is finished, else None while this run holds the stage's lock
     (``<stage>.lock``, released on exit) and does the work. A second run of the same stage at the same time waits
     until the first one writes ``_done.json`` and then gets its result, so two runs never interleave their output
-    (checkpoints included); if the holder fails or dies, the waiter takes the lock and does the work itself."""
+    (checkpoints included); if the holder fails or dies, the waiter takes the lock and does the work itself.
+
+    The storage lock rather than Prefect's concurrency limits, with or without a server: runs share the artifact
+    store but not always a Prefect server (each `vitflow run` without ``PREFECT_API_URL`` has its own temporary
+    one), and the S3 lock fences the writes of the training process the task starts, which a slot cannot."""
     logger = run_logger()
     lock = storage.exclusive(
         f"{uri}.lock",

@@ -6,9 +6,12 @@ restart last.
 
 from __future__ import annotations
 
+import base64
 import dataclasses
+import http.client
 import os
 import random
+import ssl
 import stat
 import urllib.request
 from pathlib import Path
@@ -78,10 +81,36 @@ def s3(info: stack.StackInfo, keys: tuple[str, str] | None = None, unsigned: boo
     )
 
 
-def http_status(url: str, method: str = "GET", data: bytes | None = None) -> int:
-    request = urllib.request.Request(url, method=method, data=data)
+def http_status(url: str, method: str = "GET", data: bytes | None = None, auth: tuple[str, str] | None = None) -> int:
+    headers = {"Authorization": "Basic " + base64.b64encode(":".join(auth).encode()).decode()} if auth else {}
+    headers["Content-Type"] = "application/json"
+    request = urllib.request.Request(url, method=method, data=data, headers=headers)
     with urllib.request.build_opener(urllib.request.ProxyHandler({})).open(request, timeout=10) as response:
         return response.status
+
+
+def keys(info: stack.StackInfo) -> tuple[str, str]:
+    return info.env["AWS_ACCESS_KEY_ID"], info.env["AWS_SECRET_ACCESS_KEY"]
+
+
+def anonymous_answer(port: int, method: str, path: str, data: bytes | None, tls: bool) -> tuple[int, bytes]:
+    """(status, body) of a request without any credentials; (0, b"") when the port refuses the conversation
+    (TLS without the stack's client certificate, HTTP/1.1 to a gRPC port, a reset)."""
+    context = ssl.create_default_context()
+    context.check_hostname, context.verify_mode = False, ssl.CERT_NONE  # what any local program could do
+    connection = (
+        http.client.HTTPSConnection(stack.HOST, port, timeout=10, context=context)
+        if tls
+        else http.client.HTTPConnection(stack.HOST, port, timeout=10)
+    )
+    try:
+        connection.request(method, path, body=data)
+        response = connection.getresponse()
+        return response.status, response.read()
+    except (OSError, http.client.HTTPException):
+        return 0, b""
+    finally:
+        connection.close()
 
 
 @pytest.fixture(scope="module")
@@ -138,9 +167,53 @@ def test_s3_refuses_wrong_or_missing_credentials(running):
 
 def test_mlflow_proxies_artifacts_into_seaweedfs(running):
     url = f"{running.urls['mlflow']}/api/2.0/mlflow-artifacts/artifacts/stack-test/hello.txt"
-    assert http_status(url, method="PUT", data=b"hello") == 200
+    assert http_status(url, method="PUT", data=b"hello", auth=keys(running)) == 200
     body = s3(running).get_object(Bucket="vitflow-mlflow", Key="stack-test/hello.txt")["Body"].read()
     assert body == b"hello"
+
+
+def test_no_port_of_the_stack_serves_or_accepts_data_without_the_credentials(running):
+    """Every port any process of the stack listens on (SeaweedFS's S3, filer, master, volume and admin, HTTP
+    and gRPC; MLflow; Prefect) is asked, without credentials, for a secret object by every path it could be
+    served under, for listings, and to take an upload: none answers with the data or a success."""
+    secret = b"only-for-the-keys-" + os.urandom(8).hex().encode()
+    s3(running).put_object(Bucket="vitflow-artifacts", Key="secret/object.txt", Body=secret)
+    url = f"{running.urls['mlflow']}/api/2.0/mlflow-artifacts/artifacts/secret/object.txt"
+    assert http_status(url, method="PUT", data=secret, auth=keys(running)) == 200
+    leaders = [psutil.Process(pid) for pid in running.pids.values()]
+    pids = {proc.pid for leader in leaders for proc in [leader, *leader.children(recursive=True)]}
+    ports = {c.laddr.port for c in psutil.net_connections("inet") if c.status == psutil.CONN_LISTEN and c.pid in pids}
+    assert len(ports) >= 12, ports  # SeaweedFS's ten, MLflow, Prefect
+    reads = [
+        "/vitflow-artifacts/secret/object.txt", "/buckets/vitflow-artifacts/secret/object.txt", "/dir/assign",
+        "/vol/status", "/api/2.0/mlflow-artifacts/artifacts/secret/object.txt", "/get-artifact?path=secret/object.txt",
+        "/ajax-api/2.0/mlflow/experiments/search?max_results=10", "/api/admin/settings",
+    ]  # fmt: skip
+    listings = ["/", "/buckets/vitflow-artifacts/", "/buckets/vitflow-artifacts/secret/",
+                "/vitflow-artifacts?list-type=2", "/api/2.0/mlflow-artifacts/artifacts?path=secret"]  # fmt: skip
+    writes = ["/vitflow-artifacts/anon.txt", "/buckets/vitflow-artifacts/anon.txt", "/submit",
+              "/api/2.0/mlflow-artifacts/artifacts/anon.txt", "/api/variables/", "/api/flows/filter"]  # fmt: skip
+    for port in sorted(ports):
+        for tls in (False, True):
+            for path in reads + listings:
+                status, body = anonymous_answer(port, "GET", path, None, tls)
+                assert secret not in body and (path in reads or b"object.txt" not in body), (port, path, tls)
+                ui_page = path == "/" or (port == running.ports.prefect and not path.startswith("/api"))  # no data
+                assert ui_page or status not in range(200, 300), (port, path, tls, status)
+            for path in writes:
+                for method in ("PUT", "POST"):
+                    status, _ = anonymous_answer(port, method, path, b"anonymous bytes", tls)
+                    assert status not in range(200, 300), (port, method, path, tls, status)
+    listing = s3(running).list_objects_v2(Bucket="vitflow-artifacts").get("Contents", [])
+    assert "anon.txt" not in {obj["Key"] for obj in listing}
+    # with the keys `up` exported, the same services answer
+    search = f"{running.urls['mlflow']}/api/2.0/mlflow/experiments/search?max_results=10"
+    assert (
+        http_status(search, auth=(running.env["MLFLOW_TRACKING_USERNAME"], running.env["MLFLOW_TRACKING_PASSWORD"]))
+        == 200
+    )
+    flows = f"{running.env['PREFECT_API_URL']}/flows/filter"
+    assert http_status(flows, "POST", b"{}", auth=tuple(running.env["PREFECT_API_AUTH_STRING"].split(":", 1))) == 200
 
 
 def test_cli_prints_the_environment_and_status(running):

@@ -12,7 +12,6 @@ import io
 import json
 import os
 import re
-import struct
 import zipfile
 from collections.abc import Mapping
 from pathlib import Path
@@ -28,7 +27,6 @@ from vit.model import VisionTransformer
 
 StateDict = dict[str, torch.Tensor]
 METADATA_KEY = "vitflow"
-MAX_SAFETENSORS_HEADER = 100 * 1024 * 1024
 
 
 class CheckpointError(ValueError):
@@ -515,24 +513,6 @@ def load_state_dict_strict(model: nn.Module, sd: Mapping[str, torch.Tensor], sou
 # vitflow's own format: safetensors + JSON metadata in the header
 
 
-def _check_safetensors_header(data: bytes, source: str) -> dict[str, Any]:
-    if len(data) < 8:
-        raise CheckpointError(f"{source}: truncated safetensors file ({len(data)} bytes)")
-    (header_len,) = struct.unpack("<Q", data[:8])
-    if header_len > MAX_SAFETENSORS_HEADER or 8 + header_len > len(data):
-        raise CheckpointError(
-            f"{source}: safetensors header claims {header_len} bytes but the file has {len(data)}: truncated or forged"
-        )
-    try:
-        header = json.loads(data[8 : 8 + header_len])
-    except ValueError:
-        raise CheckpointError(f"{source}: safetensors header is not valid JSON") from None
-    end = max((v["data_offsets"][1] for k, v in header.items() if k != "__metadata__"), default=0)
-    if 8 + header_len + end > len(data):
-        raise CheckpointError(f"{source}: truncated safetensors file (tensor data ends past the end of the file)")
-    return header
-
-
 def save_checkpoint(
     uri: str | os.PathLike, model: nn.Module | Mapping[str, torch.Tensor], metadata: Mapping[str, Any] | None = None
 ) -> None:
@@ -554,15 +534,14 @@ def load_checkpoint(uri: str | os.PathLike) -> tuple[StateDict, dict[str, Any]]:
     source = str(uri)
     suffix = Path(source.split("?")[0]).suffix.lower()
     if suffix == ".safetensors":
-        from safetensors.torch import load
+        from safetensors import SafetensorError, safe_open
 
-        data = storage.fetch(source).read_bytes()
-        header = _check_safetensors_header(data, source)
-        try:
-            tensors = load(data)
-        except Exception as e:  # noqa: BLE001 - the library raises several types for corrupt input
-            raise CheckpointError(f"{source}: corrupt safetensors file: {e}") from None
-        meta_json = (header.get("__metadata__") or {}).get(METADATA_KEY)
+        try:  # safetensors checks the header (size, JSON, offsets within the file) before reading any tensor
+            with safe_open(storage.fetch(source), framework="pt") as f:
+                meta_json = (f.metadata() or {}).get(METADATA_KEY)
+                tensors = {name: f.get_tensor(name) for name in f.keys()}  # noqa: SIM118 - not a dict
+        except SafetensorError as e:
+            raise CheckpointError(f"{source}: not a valid safetensors file (truncated or forged?): {e}") from None
         return tensors, json.loads(meta_json) if meta_json else {}
     if suffix in (".pt", ".pth", ".bin"):
         try:

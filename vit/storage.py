@@ -2,16 +2,20 @@
 
 S3 goes through boto3, so any S3-compatible server works; the endpoint comes from ``AWS_ENDPOINT_URL_S3`` (or
 ``AWS_ENDPOINT_URL``) exactly as boto3 reads it. Transient faults (connection refused, timeouts, 5xx, throttling)
-are retried with exponential backoff for up to ``VITFLOW_S3_RETRY_SECONDS`` (default 180 s), which rides out a
-storage server restart. Writes are atomic: a local file appears under its name only once complete
-(write-to-temp + rename), an S3 object only once its (multipart) upload has completed.
+are retried by botocore itself, the one retry layer (:func:`s3_client`), for up to ``S3_RETRY_WINDOW`` (300 s),
+which rides out a storage server restart; what still fails is a StorageError naming the endpoint, the bucket and
+what to check. :func:`check_writable` refuses a misconfigured root within seconds (one attempt). Writes are
+atomic: a local file appears under its name only once complete (write-to-temp + rename), an S3 object only once
+its (multipart) upload has completed.
 
 Remote files needed locally (checkpoints over ``https://`` or ``s3://``) are fetched once into a cache
 (``VITFLOW_CACHE``, default ``~/.cache/vitflow``).
 
 :func:`exclusive` gives one writer per output (a dataset, a pipeline stage) among concurrent runs: a local lock
 file held with ``flock`` (the kernel drops it when its holder dies), or an S3 lock object created with a
-conditional put and kept alive by a heartbeat (taken over once its holder is dead or silent for ``LOCK_TTL``).
+conditional put and kept alive by a heartbeat (taken over once its holder is dead or silent for ``lock_ttl()``),
+with a fence: every write under the output's prefix, in the holder and in the processes it starts, first checks
+that the lock is still its own (:func:`check_fences`), so a holder that lost its lock stops writing.
 """
 
 from __future__ import annotations
@@ -34,6 +38,7 @@ import urllib.parse
 import urllib.request
 import uuid
 from collections.abc import Callable
+from dataclasses import asdict, dataclass
 from email.utils import parsedate_to_datetime
 from pathlib import Path
 from typing import BinaryIO, TypeVar
@@ -41,7 +46,6 @@ from typing import BinaryIO, TypeVar
 T = TypeVar("T")
 
 MULTIPART_THRESHOLD = 64 * 1024 * 1024
-LOCK_TTL = 120.0  # seconds: an S3 lock whose heartbeat is older than this is stale (its holder is gone)
 log = logging.getLogger("vitflow.storage")
 
 
@@ -103,18 +107,34 @@ def validate_uri(uri: str) -> str:
 
 
 # --------------------------------------------------------------------------------------------------------------
-# S3 client and retries
+# S3 client: botocore does the retrying, this layer only names what failed
+
+S3_ATTEMPTS = 9  # botocore "legacy" retries: jittered backoff rand * 2^i s, at most 1 + 2 + ... + 128 = 255 s
+S3_CONNECT_TIMEOUT = 5.0
+S3_RETRY_WINDOW = (2 ** (S3_ATTEMPTS - 1) - 1) + S3_ATTEMPTS * S3_CONNECT_TIMEOUT  # worst case of one call: 300 s
 
 _clients: dict[tuple, object] = {}
 _clients_lock = threading.Lock()
 
 
-def s3_client():
-    """A boto3 S3 client for the current environment (endpoint and credentials), cached per environment."""
+def endpoint() -> str:
+    """The S3 endpoint boto3 uses (``AWS_ENDPOINT_URL_S3`` / ``AWS_ENDPOINT_URL``, else AWS's own)."""
+    return os.environ.get("AWS_ENDPOINT_URL_S3") or os.environ.get("AWS_ENDPOINT_URL") or "AWS S3"
+
+
+def s3_client(attempts: int = S3_ATTEMPTS):
+    """A boto3 S3 client for the current environment (endpoint and credentials), cached per environment.
+
+    The one retry layer for S3: botocore's "legacy" mode retries connection errors, timeouts, 5xx and throttling
+    with exponential backoff (``S3_ATTEMPTS`` attempts, a ``S3_RETRY_WINDOW`` of 300 s at worst, which rides out
+    a storage server restart); it has no shared retry quota, so many parallel calls during an outage all keep
+    retrying ("standard" mode gives up once its quota is spent). ``attempts=1``: one try, for start-up checks."""
     key = (
         os.environ.get("AWS_ENDPOINT_URL_S3") or os.environ.get("AWS_ENDPOINT_URL"),
-        os.environ.get("AWS_ACCESS_KEY_ID"),
         os.environ.get("AWS_DEFAULT_REGION") or os.environ.get("AWS_REGION"),
+        os.environ.get("AWS_ACCESS_KEY_ID"),
+        os.environ.get("AWS_SECRET_ACCESS_KEY"),
+        attempts,
     )
     with _clients_lock:
         client = _clients.get(key)
@@ -123,81 +143,54 @@ def s3_client():
             from botocore.config import Config
 
             config = Config(
-                retries={"max_attempts": 3, "mode": "standard"},
-                connect_timeout=5,
+                retries={"max_attempts": attempts - 1, "mode": "legacy"},  # legacy counts retries, not attempts
+                connect_timeout=S3_CONNECT_TIMEOUT,
                 read_timeout=60,
                 s3={"addressing_style": "path"} if key[0] else None,
             )
-            client = boto3.session.Session().client("s3", region_name=key[2] or "us-east-1", config=config)
+            client = boto3.session.Session().client("s3", region_name=key[1] or "us-east-1", config=config)
             _clients[key] = client
         return client
 
 
-def _retry_seconds() -> float:
-    return float(os.environ.get("VITFLOW_S3_RETRY_SECONDS", "180"))
-
-
 _PERMANENT_CODES = {
-    "NoSuchBucket": "bucket does not exist: create it first (e.g. `aws s3 mb s3://{bucket}`) or fix the URI",
-    "AccessDenied": "access denied: check AWS_ACCESS_KEY_ID / AWS_SECRET_ACCESS_KEY and the bucket policy",
-    "InvalidAccessKeyId": "unknown access key: check AWS_ACCESS_KEY_ID",
-    "SignatureDoesNotMatch": "signature mismatch: check AWS_SECRET_ACCESS_KEY",
+    "NoSuchBucket": "bucket does not exist: {bucket!r} at {endpoint}; create it (`aws s3 mb s3://{bucket}`) or fix "
+    "the URI",
+    "AccessDenied": "{endpoint} denied access to bucket {bucket!r}: check AWS_ACCESS_KEY_ID / AWS_SECRET_ACCESS_KEY "
+    "and the bucket policy",
+    "InvalidAccessKeyId": "{endpoint} does not know the access key of AWS_ACCESS_KEY_ID (bucket {bucket!r})",
+    "SignatureDoesNotMatch": "{endpoint} refused the signature for bucket {bucket!r}: check AWS_SECRET_ACCESS_KEY",
     "NoSuchKey": "object does not exist",
     "404": "object does not exist",
-    "403": "access denied: check credentials and the bucket policy",
+    "403": "{endpoint} denied access to bucket {bucket!r}: check the credentials and the bucket policy",
 }
 
 
-def _is_transient(exc: BaseException) -> bool:
-    from botocore.exceptions import (
-        ClientError,
-        ConnectionClosedError,
-        ConnectTimeoutError,
-        EndpointConnectionError,
-        ReadTimeoutError,
-        ResponseStreamingError,
-    )
-
-    if isinstance(exc, EndpointConnectionError | ConnectionClosedError | ConnectTimeoutError | ReadTimeoutError):
-        return True
-    if isinstance(exc, ResponseStreamingError | ConnectionError | TimeoutError):
-        return True
-    if isinstance(exc, ClientError):
-        code = str(exc.response.get("Error", {}).get("Code", ""))
-        status = exc.response.get("ResponseMetadata", {}).get("HTTPStatusCode", 0)
-        return status >= 500 or code in ("SlowDown", "RequestTimeout", "InternalError", "ServiceUnavailable")
-    return False
-
-
 def _describe(exc: BaseException, uri: str) -> StorageError:
-    from botocore.exceptions import ClientError, NoCredentialsError
+    """A StorageError naming what failed, where, and what to check."""
+    from botocore.exceptions import ClientError, ConnectTimeoutError, EndpointConnectionError, NoCredentialsError
 
     if isinstance(exc, NoCredentialsError):
         return StorageError(f"{uri}: no AWS credentials found: set AWS_ACCESS_KEY_ID and AWS_SECRET_ACCESS_KEY")
+    if isinstance(exc, EndpointConnectionError | ConnectTimeoutError):
+        return StorageError(f"{uri}: cannot reach the S3 endpoint {endpoint()}: check AWS_ENDPOINT_URL_S3 ({exc})")
     if isinstance(exc, ClientError):
         code = str(exc.response.get("Error", {}).get("Code", ""))
         bucket = split_s3(uri)[0] if is_s3(uri) else ""
-        hint = _PERMANENT_CODES.get(code, str(exc))
-        return StorageError(f"{uri}: {hint.format(bucket=bucket)}")
+        hint = _PERMANENT_CODES.get(code, f"{exc} (endpoint {{endpoint}})")
+        return StorageError(f"{uri}: {hint.format(bucket=bucket, endpoint=endpoint())}")
     return StorageError(f"{uri}: {exc}")
 
 
-def with_retries(fn: Callable[[], T], uri: str, what: str = "storage operation") -> T:
-    """Run ``fn`` retrying transient S3 faults with jittered exponential backoff until the deadline."""
-    deadline = time.monotonic() + _retry_seconds()
-    delay = 0.5
-    while True:
-        try:
-            return fn()
-        except StorageError:
-            raise
-        except Exception as exc:  # noqa: BLE001 - classified below
-            if not _is_transient(exc):
-                raise _describe(exc, uri) from exc
-            if time.monotonic() + delay > deadline:
-                raise StorageError(f"{what} on {uri} still failing after {_retry_seconds():.0f}s: {exc}") from exc
-            time.sleep(delay * (0.5 + random.random()))
-            delay = min(delay * 2, 10.0)
+def _s3(fn: Callable[[], T], uri: str) -> T:
+    """``fn`` (boto3 calls, retried by botocore itself) with its final failure turned into a StorageError."""
+    from boto3.exceptions import Boto3Error
+    from botocore.exceptions import BotoCoreError, ClientError
+
+    try:
+        return fn()
+    except (BotoCoreError, ClientError, Boto3Error) as exc:
+        raise _describe(exc, uri) from exc
 
 
 # --------------------------------------------------------------------------------------------------------------
@@ -232,18 +225,19 @@ def _transfer_config():
 
 def write_bytes(uri: str, data: bytes) -> None:
     """Write an object atomically."""
+    check_fences(uri)
     if is_s3(uri):
         bucket, key = split_s3(uri)
         config = _transfer_config()
-        with_retries(lambda: s3_client().upload_fileobj(io.BytesIO(data), bucket, key, Config=config), uri, "upload")
+        _s3(lambda: s3_client().upload_fileobj(io.BytesIO(data), bucket, key, Config=config), uri)
     else:
         _atomic_local_write(local_path(uri), lambda f: f.write(data))
 
 
 def read_bytes(uri: str) -> bytes:
     if is_s3(uri):
-        bucket, key = split_s3(uri)
-        return with_retries(lambda: s3_client().get_object(Bucket=bucket, Key=key)["Body"].read(), uri, "download")
+        with _S3ObjectStream(uri, 0) as stream:
+            return stream.read()
     if is_http(uri):
         return fetch(uri).read_bytes()
     path = local_path(uri)
@@ -264,10 +258,11 @@ def read_text(uri: str) -> str:
 def upload(local: str | os.PathLike, uri: str) -> None:
     """Copy a local file to ``uri`` atomically (S3: multipart above 64 MiB, completed or not at all)."""
     src = Path(local)
+    check_fences(uri)
     if is_s3(uri):
         bucket, key = split_s3(uri)
         config = _transfer_config()
-        with_retries(lambda: s3_client().upload_file(str(src), bucket, key, Config=config), uri, "upload")
+        _s3(lambda: s3_client().upload_file(str(src), bucket, key, Config=config), uri)
     else:
         dst = local_path(uri)
         if dst.resolve() == src.resolve():
@@ -288,7 +283,7 @@ def download(uri: str, local: str | os.PathLike) -> Path:
         dst.parent.mkdir(parents=True, exist_ok=True)
         tmp = dst.with_name(f".{dst.name}.{os.getpid()}.part")
         try:
-            with_retries(lambda: s3_client().download_file(bucket, key, str(tmp)), uri, "download")
+            _s3(lambda: s3_client().download_file(bucket, key, str(tmp)), uri)
             os.replace(tmp, dst)
         finally:
             tmp.unlink(missing_ok=True)
@@ -315,14 +310,14 @@ def exists(uri: str) -> bool:
                     return False
                 raise
 
-        return with_retries(head, uri, "stat")
+        return _s3(head, uri)
     return local_path(uri).exists()
 
 
 def size(uri: str) -> int:
     if is_s3(uri):
         bucket, key = split_s3(uri)
-        return with_retries(lambda: s3_client().head_object(Bucket=bucket, Key=key)["ContentLength"], uri, "stat")
+        return _s3(lambda: s3_client().head_object(Bucket=bucket, Key=key)["ContentLength"], uri)
     return local_path(uri).stat().st_size
 
 
@@ -338,7 +333,7 @@ def list_files(prefix: str) -> list[str]:
                 out.extend(f"s3://{bucket}/{obj['Key']}" for obj in page.get("Contents", []))
             return out
 
-        return sorted(with_retries(listing, prefix, "list"))
+        return sorted(_s3(listing, prefix))
     root = local_path(prefix)
     if not root.is_dir():
         return []
@@ -359,38 +354,27 @@ def list_dirs(prefix: str) -> list[str]:
                 names.extend(p["Prefix"][len(key) :].rstrip("/") for p in page.get("CommonPrefixes", []))
             return names
 
-        return sorted(with_retries(listing, prefix, "list"))
+        return sorted(_s3(listing, prefix))
     root = local_path(prefix)
     return sorted(p.name for p in root.iterdir() if p.is_dir()) if root.is_dir() else []
 
 
 def delete(uri: str) -> None:
+    check_fences(uri)
     if is_s3(uri):
         bucket, key = split_s3(uri)
-        with_retries(lambda: s3_client().delete_object(Bucket=bucket, Key=key), uri, "delete")
+        _s3(lambda: s3_client().delete_object(Bucket=bucket, Key=key), uri)
     else:
         local_path(uri).unlink(missing_ok=True)
 
 
 def delete_prefix(prefix: str) -> None:
+    check_fences(prefix)
     if is_s3(prefix):
         for uri in list_files(prefix):
             delete(uri)
     else:
         shutil.rmtree(local_path(prefix), ignore_errors=True)
-
-
-def open_stream(uri: str) -> BinaryIO:
-    """A readable binary stream (S3 objects are streamed, not downloaded first)."""
-    if is_s3(uri):
-        bucket, key = split_s3(uri)
-        return with_retries(lambda: s3_client().get_object(Bucket=bucket, Key=key)["Body"], uri, "download")
-    if is_http(uri):
-        return open(fetch(uri), "rb")
-    try:
-        return open(local_path(uri), "rb")
-    except FileNotFoundError:
-        raise StorageError(f"{uri}: file does not exist") from None
 
 
 def ensure_bucket(uri: str) -> None:
@@ -408,22 +392,21 @@ def ensure_bucket(uri: str) -> None:
         except ClientError:
             s3_client().create_bucket(Bucket=bucket)
 
-    with_retries(create, uri, "create bucket")
+    _s3(create, uri)
 
 
 def check_writable(root: str) -> None:
-    """Fail fast, before long work, when the artifact root cannot be written (missing bucket, denied access)."""
+    """Refuse, within seconds, an artifact root that cannot be written (unreachable endpoint, unknown bucket, bad
+    credentials): one attempt, no retries, since a configuration error is not transient."""
     probe = join(root, f".vitflow-write-probe-{os.getpid()}-{random.randrange(1 << 30)}")
-    write_bytes(probe, b"ok")
-    delete(probe)
-
-
-def sha256_file(path: str | os.PathLike) -> str:
-    h = hashlib.sha256()
-    with open(path, "rb") as f:
-        for chunk in iter(lambda: f.read(1 << 20), b""):
-            h.update(chunk)
-    return h.hexdigest()
+    if not is_s3(probe):
+        write_bytes(probe, b"ok")
+        delete(probe)
+        return
+    bucket, key = split_s3(probe)
+    client = s3_client(attempts=1)
+    _s3(lambda: client.put_object(Bucket=bucket, Key=key, Body=b"ok"), root)
+    _s3(lambda: client.delete_object(Bucket=bucket, Key=key), root)
 
 
 def cache_dir() -> Path:
@@ -435,6 +418,8 @@ def fetch(uri: str | os.PathLike) -> Path:
 
     An S3 object is cached under its URI and ETag, so an object rewritten in place (a bucket reused, a file
     replaced by hand) is downloaded again rather than served stale; https checkpoints are immutable releases.
+    By hand: fsspec's file cache would need s3fs (aiobotocore, a second S3 client with its own retries and
+    credentials) for what is one HEAD and one download on the boto3 client.
     """
     s = validate_uri(str(uri))
     if not (is_s3(s) or is_http(s)):
@@ -445,7 +430,7 @@ def fetch(uri: str | os.PathLike) -> Path:
     version = ""
     if is_s3(s):
         bucket, key = split_s3(s)
-        version = with_retries(lambda: s3_client().head_object(Bucket=bucket, Key=key)["ETag"], s, "stat")
+        version = _s3(lambda: s3_client().head_object(Bucket=bucket, Key=key)["ETag"], s)
     digest = hashlib.sha256(f"{s}\n{version}".encode()).hexdigest()[:16]
     name = Path(urllib.parse.urlparse(s).path).name or "download"
     target = cache_dir() / digest / name
@@ -468,15 +453,12 @@ def fetch(uri: str | os.PathLike) -> Path:
 
 
 def read_range(uri: str, offset: int, length: int) -> bytes:
-    """``length`` bytes of a file or object starting at ``offset`` (S3: one ranged GET, retried)."""
+    """``length`` bytes of a file or object starting at ``offset`` (S3: one ranged GET)."""
     if length <= 0:
         return b""
     if is_s3(uri):
-        bucket, key = split_s3(uri)
-        byte_range = f"bytes={offset}-{offset + length - 1}"
-        return with_retries(
-            lambda: s3_client().get_object(Bucket=bucket, Key=key, Range=byte_range)["Body"].read(), uri, "download"
-        )
+        with _S3ObjectStream(uri, offset, offset + length) as stream:
+            return stream.read()
     try:
         with open(local_path(uri), "rb") as f:
             f.seek(offset)
@@ -486,33 +468,44 @@ def read_range(uri: str, offset: int, length: int) -> bytes:
 
 
 class _S3ObjectStream:
-    """A forward-only read of an S3 object from an offset. After a transient fault mid-stream (a dropped
-    connection half-way through a shard) it reopens at the byte where it stopped, so a long read survives."""
+    """A forward-only read of bytes ``[offset, end)`` of an S3 object. Written by hand because botocore retries
+    requests but not the read of a body already streaming: after a fault mid-stream (a dropped connection half-way
+    through a shard) it reopens at the byte where it stopped, so a long read survives a server restart."""
 
-    def __init__(self, uri: str, offset: int) -> None:
+    REOPENS = 3
+
+    def __init__(self, uri: str, offset: int, end: int | None = None) -> None:
         self.uri = uri
         self.bucket, self.key = split_s3(uri)
-        self.pos = offset
+        self.pos, self.end = offset, end
         self._body = None
 
-    def read(self, n: int = -1) -> bytes:
-        def attempt() -> bytes:
-            if self._body is None:
-                response = s3_client().get_object(Bucket=self.bucket, Key=self.key, Range=f"bytes={self.pos}-")
-                self._body = response["Body"]
-            try:
-                return self._body.read(None if n < 0 else n)
-            except Exception:
-                self._body = None  # the retry reopens at self.pos
-                raise
+    def _open(self):
+        byte_range = f"bytes={self.pos}-{'' if self.end is None else self.end - 1}"
+        get = lambda: s3_client().get_object(Bucket=self.bucket, Key=self.key, Range=byte_range)  # noqa: E731
+        return _s3(get, self.uri)["Body"]
 
-        data = with_retries(attempt, self.uri, "download")
+    def read(self, n: int = -1) -> bytes:
+        from botocore.exceptions import BotoCoreError
+        from urllib3.exceptions import HTTPError
+
+        for attempt in range(self.REOPENS + 1):
+            if self._body is None:
+                self._body = self._open()
+            try:
+                data = self._body.read(None if n < 0 else n)
+                break
+            except (BotoCoreError, HTTPError, OSError) as exc:
+                self.close()  # the next attempt reopens at self.pos
+                if attempt == self.REOPENS:
+                    raise StorageError(f"{self.uri}: reading stopped at byte {self.pos}: {exc}") from exc
         self.pos += len(data)
         return data
 
     def close(self) -> None:
         if self._body is not None:
-            self._body.close()
+            with contextlib.suppress(Exception):
+                self._body.close()
             self._body = None
 
     def __enter__(self) -> _S3ObjectStream:
@@ -539,6 +532,7 @@ def publish_file(local: str | os.PathLike, uri: str) -> None:
     """Move a finished local file to ``uri`` atomically: a rename when both are on one filesystem, else a copy
     (S3: an upload, multipart when large); the local file is gone afterwards."""
     src = Path(local)
+    check_fences(uri)
     if not is_s3(uri):
         dst = local_path(uri)
         dst.parent.mkdir(parents=True, exist_ok=True)
@@ -554,6 +548,65 @@ def publish_file(local: str | os.PathLike, uri: str) -> None:
 
 # --------------------------------------------------------------------------------------------------------------
 # Locks: one writer per output among concurrent runs
+
+
+class LockLost(StorageError):
+    """This process's S3 lock was taken over (its heartbeat went silent for longer than the TTL): it must stop
+    writing the output the lock guards."""
+
+
+def lock_ttl() -> float:
+    """Seconds without a heartbeat after which an S3 lock is stale: ``VITFLOW_LOCK_TTL``, default 600 s, which
+    must exceed ``S3_RETRY_WINDOW`` (a holder whose heartbeat rides out an outage in botocore's retries keeps
+    its lock)."""
+    return float(os.environ.get("VITFLOW_LOCK_TTL", "600"))
+
+
+@dataclass(frozen=True)
+class Fence:
+    """Writes under ``prefix`` are allowed only while the lock object ``lock`` still carries ``token``."""
+
+    prefix: str
+    lock: str
+    token: str
+    ttl: float
+
+
+FENCES_VARIABLE = "VITFLOW_STORAGE_FENCES"  # the held fences, inherited by child processes (the training engine)
+_fences: dict[str, Fence] = {}
+_fences_lock = threading.Lock()
+
+
+def _publish_fences() -> None:
+    """Mirror this process's fences into its environment, so that the processes it starts (training) obey them."""
+    if _fences:
+        os.environ[FENCES_VARIABLE] = json.dumps([asdict(f) for f in _fences.values()])
+    else:
+        os.environ.pop(FENCES_VARIABLE, None)
+
+
+def _active_fences() -> list[Fence]:
+    with _fences_lock:
+        inherited = [Fence(**f) for f in json.loads(os.environ.get(FENCES_VARIABLE) or "[]")]
+        return list({f.prefix: f for f in [*inherited, *_fences.values()]}.values())
+
+
+def check_fences(uri: str) -> None:
+    """Fencing for the S3 lock: before a write under a locked prefix, the lock object must still name this
+    holder and have a heartbeat younger than TTL/2; a write then cannot outlive the lock unless it takes longer
+    than TTL/2. A stale heartbeat waits (for it to beat again, or for a takeover); a takeover raises LockLost.
+    Only a write already in flight when its process froze can land after a takeover: S3 has no write conditional
+    on another object."""
+    target = str(uri).rstrip("/")
+    for fence in _active_fences():
+        if target == fence.prefix or target.startswith(fence.prefix + "/"):
+            while True:
+                owner, _, age = _read_lock(fence.lock) or ({}, "", 0.0)
+                if owner.get("token") != fence.token:
+                    raise LockLost(f"{fence.lock} was taken over by another run: stopped before writing {uri}")
+                if age < fence.ttl / 2:
+                    break
+                time.sleep(min(1.0, fence.ttl / 20))
 
 
 class Lock:
@@ -591,7 +644,8 @@ def _pid_alive(pid: int) -> bool:
 
 def _try_local_lock(path: Path) -> Lock | None:
     """``flock`` on ``path``; None while another process or thread holds it. The kernel releases the lock of a
-    dead holder, so a local lock is never stale."""
+    dead holder and never takes it from a live (even a frozen) one, so a local lock is never stale and needs no
+    fencing."""
     path.parent.mkdir(parents=True, exist_ok=True)
     fd = os.open(path, os.O_RDWR | os.O_CREAT, 0o644)
     try:
@@ -626,22 +680,22 @@ def _precondition_failed(exc: BaseException) -> bool:
 
 
 def _conditional(fn: Callable[[], T], uri: str) -> T | None:
-    """``fn`` (a conditional S3 request) retried on transient faults; None when its condition failed."""
+    """``fn`` (a conditional S3 request); None when its condition failed."""
+    from botocore.exceptions import ClientError
 
-    def attempt() -> tuple[T | None]:
-        try:
-            return (fn(),)
-        except Exception as exc:
-            if _precondition_failed(exc):
-                return (None,)
-            raise
+    try:
+        return fn()
+    except ClientError as exc:
+        if _precondition_failed(exc):
+            return None
+        raise _describe(exc, uri) from exc
+    except Exception as exc:
+        raise _describe(exc, uri) from exc
 
-    return with_retries(attempt, uri, "lock")[0]
 
-
-def _s3_lock_is_stale(uri: str, ttl: float) -> str | None:
-    """The ETag of the lock object at ``uri`` when its holder is dead (same host, no such pid) or silent for
-    ``ttl`` seconds (by the server's clock: its Date header against the object's LastModified), else None."""
+def _read_lock(uri: str) -> tuple[dict, str, float] | None:
+    """(owner, ETag, age in seconds by the server's clock: its Date header against LastModified) of the lock
+    object at ``uri``; None when there is none."""
     from botocore.exceptions import ClientError
 
     bucket, key = split_s3(uri)
@@ -662,7 +716,13 @@ def _s3_lock_is_stale(uri: str, ttl: float) -> str | None:
             owner = {}
         return owner, response["ETag"], now - response["LastModified"].timestamp()
 
-    found = with_retries(read, uri, "lock")
+    return _s3(read, uri)
+
+
+def _s3_lock_is_stale(uri: str, ttl: float) -> str | None:
+    """The ETag of the lock object at ``uri`` when its holder is dead (same host, no such pid) or silent for
+    ``ttl`` seconds, else None."""
+    found = _read_lock(uri)
     if found is None:
         return None
     owner, etag, age = found
@@ -672,7 +732,8 @@ def _s3_lock_is_stale(uri: str, ttl: float) -> str | None:
 
 def _try_s3_lock(uri: str, ttl: float) -> Lock | None:
     """Create the lock object if absent (``If-None-Match: *``) or replace a stale one (``If-Match`` its ETag);
-    a heartbeat rewrites it every ``ttl / 4`` s while held. None while a live holder has it."""
+    a heartbeat rewrites it every ``ttl / 10`` s while held, and the fence (:func:`check_fences`) guards every
+    write under the output's prefix. None while a live holder has it."""
     bucket, key = split_s3(uri)
     owner = _owner()
 
@@ -691,16 +752,20 @@ def _try_s3_lock(uri: str, ttl: float) -> Lock | None:
         log.warning("took over the stale lock %s", uri)
     held = {"etag": etag}
     stop = threading.Event()
+    fence = Fence(uri.removesuffix(".lock"), uri, str(owner["token"]), ttl)
+    with _fences_lock:
+        _fences[fence.prefix] = fence
+        _publish_fences()
 
     def heartbeat() -> None:
-        while not stop.wait(ttl / 4):
+        while not stop.wait(ttl / 10):
             try:
                 new = _conditional(lambda: put(IfMatch=held["etag"]), uri)
-            except StorageError as exc:  # the store is down: the next beat tries again
+            except StorageError as exc:  # the store is still down after botocore's retries: the next beat tries
                 log.warning("lock heartbeat on %s failed: %s", uri, exc)
                 continue
             if new is None:
-                log.warning("lost the lock %s: another run took it over", uri)
+                log.warning("lost the lock %s: another run took it over; its writes there are refused", uri)
                 return
             held["etag"] = new
 
@@ -710,6 +775,9 @@ def _try_s3_lock(uri: str, ttl: float) -> Lock | None:
     def release() -> None:
         stop.set()
         beat.join()
+        with _fences_lock:
+            _fences.pop(fence.prefix, None)
+            _publish_fences()
         with contextlib.suppress(StorageError):
             _conditional(lambda: s3_client().delete_object(Bucket=bucket, Key=key, IfMatch=held["etag"]), uri)
 
@@ -719,13 +787,15 @@ def _try_s3_lock(uri: str, ttl: float) -> Lock | None:
 def exclusive(
     lock_uri: str,
     done: Callable[[], bool],
-    ttl: float = LOCK_TTL,
+    ttl: float | None = None,
     poll: float = 1.0,
     on_wait: Callable[[], None] = lambda: None,
 ) -> Lock | None:
-    """One writer per output. Returns None as soon as ``done()`` holds (the output exists: reuse it); otherwise
-    waits until the lock at ``lock_uri`` is free, takes it, and returns it held, with ``done()`` checked once more
-    under it. ``on_wait`` is called once if it has to wait for another holder."""
+    """One writer per output (``lock_uri`` is ``<output>.lock``). Returns None as soon as ``done()`` holds (the
+    output exists: reuse it); otherwise waits until the lock is free, takes it, and returns it held, with
+    ``done()`` checked once more under it. ``on_wait`` is called once if it has to wait for another holder.
+    ``ttl`` defaults to :func:`lock_ttl`."""
+    ttl = lock_ttl() if ttl is None else ttl
     waited = False
     while True:
         if done():
@@ -745,9 +815,10 @@ def exclusive(
 def _forget_clients() -> None:
     """A boto3 client (and its connection pool) must not cross a fork, e.g. into DataLoader workers: each child
     process builds its own."""
-    global _clients_lock
+    global _clients_lock, _fences_lock
     _clients.clear()
     _clients_lock = threading.Lock()
+    _fences_lock = threading.Lock()
 
 
 os.register_at_fork(after_in_child=_forget_clients)

@@ -142,9 +142,9 @@ def test_malformed_checkpoints_are_clear_errors(saved, tmp_path):
     data = path.read_bytes()
     cases = {
         "truncated.safetensors": (data[: len(data) // 2], "truncated"),
-        "empty.safetensors": (b"", "truncated safetensors file"),
-        "huge-header.safetensors": (struct.pack("<Q", 1 << 60) + b"{}", "header claims"),
-        "bad-json.safetensors": (struct.pack("<Q", 4) + b"{{{{", "not valid JSON"),
+        "empty.safetensors": (b"", "header too small"),
+        "huge-header.safetensors": (struct.pack("<Q", 1 << 60) + b"{}", "header too large"),
+        "bad-json.safetensors": (struct.pack("<Q", 4) + b"{{{{", "invalid JSON in header"),
     }
     for name, (content, message) in cases.items():
         (tmp_path / name).write_bytes(content)

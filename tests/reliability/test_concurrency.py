@@ -3,6 +3,7 @@ a lock whose holder died is taken over."""
 
 from __future__ import annotations
 
+import contextlib
 import json
 import os
 import signal
@@ -158,3 +159,73 @@ def test_two_runs_of_one_training_stage_at_once(tiny_dataset, tmp_path, monkeypa
     starts = [json.loads(line) for line in lines if '"start"' in line]
     assert len(starts) == 1 and starts[0]["resumed_from"] is None  # trained once, by one of the two
     assert wait_for(lambda: not os.path.exists(f"{uri}.lock"), "the lock to be released", timeout=5)
+
+
+FENCED_HOLDER = textwrap.dedent(
+    """
+    import subprocess, sys
+    from vit import storage
+    stage, ttl = sys.argv[1], float(sys.argv[2])
+    lock = storage.exclusive(stage + ".lock", lambda: False, ttl=ttl)
+    # a child process (as the training engine is) writes into the stage folder all the time
+    writer = subprocess.Popen([sys.executable, "-c", sys.argv[3], stage])
+    print("held", writer.pid, flush=True)
+    sys.stdin.readline()  # the test pauses this process past the TTL, resumes it, then says go
+    try:
+        storage.write_text(stage + "/_done.json", "{}")
+    except storage.StorageError as exc:
+        print("refused", type(exc).__name__, exc, flush=True)
+    print("writer exit", writer.wait(), flush=True)
+    """
+)
+FENCED_WRITER = textwrap.dedent(
+    """
+    import sys, time
+    from vit import storage
+    for i in range(100000):
+        try:
+            storage.write_text(f"{sys.argv[1]}/checkpoints/old-{i:05d}", "old holder")
+        except storage.StorageError as exc:
+            print("writer refused", type(exc).__name__, exc, flush=True)
+            sys.exit(3)
+        time.sleep(0.05)
+    """
+)
+
+
+def test_a_holder_paused_past_the_ttl_stops_writing_once_its_lock_is_taken(s3_bucket):
+    """The holder of a stage's S3 lock (and the process it started, which writes the checkpoints) is frozen with
+    SIGSTOP past the TTL: a second run takes the lock over and writes the stage. Once the first one is resumed,
+    neither it nor its child writes anything more into the stage folder: every write under a held prefix first
+    checks that the lock is still its own."""
+    ttl = 3.0
+    stage = f"{s3_bucket}/stages/pretrain/x/0123"
+    holder = subprocess.Popen(
+        [sys.executable, "-c", FENCED_HOLDER, stage, str(ttl), FENCED_WRITER],
+        stdin=subprocess.PIPE, stdout=subprocess.PIPE, text=True, start_new_session=True,
+    )  # fmt: skip
+    try:
+        assert holder.stdout.readline().startswith("held")
+        old = lambda: [u for u in storage.list_files(stage) if "/old-" in u]  # noqa: E731
+        wait_for(lambda: len(old()) >= 3, "the old holder's child to write", timeout=60)
+        os.kill(holder.pid, signal.SIGSTOP)  # its heartbeat stops; its child goes on writing
+        with storage.exclusive(f"{stage}.lock", lambda: False, ttl=ttl, poll=0.2) as lock:
+            written_by_old = old()
+            assert json.loads(storage.read_text(lock.uri))["pid"] == os.getpid()
+            storage.write_text(f"{stage}/checkpoints/new", "new holder")
+            os.kill(holder.pid, signal.SIGCONT)
+            holder.stdin.write("go\n")
+            holder.stdin.flush()
+            out, _ = holder.communicate(timeout=60)
+            assert old() == written_by_old, "the old holder's child wrote after the takeover"
+            assert not storage.exists(f"{stage}/_done.json"), "the old holder wrote after the takeover"
+            assert "refused LockLost" in out and "writer exit 3" in out, out
+    finally:
+        with contextlib.suppress(ProcessLookupError):
+            os.killpg(holder.pid, signal.SIGKILL)  # the holder and its writer, whatever happened
+        holder.wait()
+
+
+def test_the_lock_ttl_outlasts_the_storage_retry_window():
+    """A holder whose heartbeat is stuck in botocore's retries (an S3 outage) must not lose its lock for that."""
+    assert storage.lock_ttl() > storage.S3_RETRY_WINDOW + storage.lock_ttl() / 10

@@ -17,7 +17,7 @@ import pandas as pd
 import pytest
 import torch
 
-from tests.reliability.conftest import SeaweedFS, launch_engine, train_config, wait_for
+from tests.reliability.conftest import SeaweedFS, free_ports, launch_engine, train_config, wait_for
 from vit import storage
 from vit.engine.checkpointing import CheckpointManager
 from vit.engine.config import TrainConfig
@@ -184,3 +184,27 @@ def test_full_artifact_disk_is_a_clear_error_and_keeps_the_previous_checkpoint(s
     loaded = manager.load_latest()
     assert loaded.step == 4 and all(torch.isfinite(t).all() for t in loaded.tensors["model"].values())
     assert not [p for p in Path(ckpt).rglob("*.tmp")]  # no half-written temporary file left behind
+
+
+@pytest.mark.timeout(120)
+def test_a_misconfigured_s3_root_is_refused_at_start_naming_endpoint_and_bucket(seaweedfs, monkeypatch):
+    """A configuration error is not transient: an unreachable endpoint, an unknown bucket and a wrong secret
+    key make `vitflow run` exit 2 at once with a message that names the endpoint or the bucket, instead of being
+    retried for minutes (SeaweedFS checks the signatures, so the wrong key is really refused)."""
+    from typer.testing import CliRunner
+
+    from flows.cli import app
+
+    nowhere = f"http://127.0.0.1:{free_ports(1)}"  # nothing listens there
+    cases = [
+        ({"AWS_ENDPOINT_URL_S3": nowhere}, "s3://data/x", f"cannot reach the S3 endpoint {nowhere}"),
+        ({}, "s3://no-such-bucket/x", f"bucket does not exist: 'no-such-bucket' at {seaweedfs.endpoint}"),
+        ({"AWS_SECRET_ACCESS_KEY": "wrong"}, "s3://data/x", f"{seaweedfs.endpoint} refused the signature"),
+    ]
+    for env, root, message in cases:
+        with monkeypatch.context() as mp:
+            for key, value in env.items():
+                mp.setenv(key, value)
+            result = CliRunner().invoke(app, ["run", "demo", "--set", f"artifact_root={root}"])
+        assert result.exit_code == 2, result.output
+        assert message in " ".join(result.output.split()), result.output
