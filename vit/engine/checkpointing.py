@@ -73,6 +73,9 @@ class CheckpointManager:
         self._prune(step)
         return base
 
+    def wait(self) -> None:
+        """Block until the checkpoint being written (if any) is complete."""
+
     def _steps(self) -> list[int]:
         return sorted(int(m.group(1)) for d in storage.list_dirs(self.directory) if (m := _STEP_DIR.match(d)))
 

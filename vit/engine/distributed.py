@@ -42,11 +42,11 @@ def barrier() -> None:
         dist.barrier()
 
 
-def all_reduce_mean(value: torch.Tensor) -> torch.Tensor:
+def all_reduce_sum(value: torch.Tensor) -> torch.Tensor:
+    """The sum over ranks (``value`` itself for one process)."""
     if dist.is_available() and dist.is_initialized():
         value = value.clone()
         dist.all_reduce(value)
-        value /= dist.get_world_size()
     return value
 
 
