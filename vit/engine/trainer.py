@@ -20,7 +20,7 @@ from torch import nn
 from vit.engine.callbacks import Callback
 from vit.engine.checkpointing import CheckpointManager, optimizer_from_tensors, optimizer_to_tensors
 from vit.engine.config import TrainConfig
-from vit.engine.distributed import DistInfo, all_reduce_sum, barrier
+from vit.engine.distributed import DistInfo, all_reduce_sum, barrier, configure_cuda
 from vit.engine.optim import build_optimizer, lr_at
 
 LossFn = Callable[[nn.Module, torch.Tensor, torch.Tensor], torch.Tensor]
@@ -134,6 +134,8 @@ class Trainer:
         metadata: dict[str, Any] | None = None,
     ):
         self.cfg = cfg
+        if dist.device.type == "cuda":
+            configure_cuda()
         self.raw = model.to(dist.device)
         self.data = data
         self.total_steps = total_steps
@@ -158,13 +160,13 @@ class Trainer:
     def _wrap(self, model: nn.Module) -> nn.Module:
         if self.cfg.grad_checkpointing and hasattr(model, "set_grad_checkpointing"):
             model.set_grad_checkpointing(True)
+        if self.cfg.compile:  # the inner module, then DDP: the order PyTorch's "where to apply torch.compile" gives
+            model.compile()
         if self.dist.world_size > 1:
             from torch.nn.parallel import DistributedDataParallel
 
             ids = [self.dist.device.index] if self.dist.device.type == "cuda" else None
             model = DistributedDataParallel(model, device_ids=ids)
-        if self.cfg.compile:
-            model = torch.compile(model)
         return model
 
     def _emit(self, event: str, data: dict[str, Any]) -> None:
