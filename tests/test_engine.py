@@ -183,7 +183,7 @@ def test_resume_reproduces_the_uninterrupted_run_exactly(tmp_path):
 def test_damaged_latest_checkpoint_falls_back_to_the_previous_one(tmp_path):
     ckpt = CheckpointConfig(dir=str(tmp_path / "ckpt"), every_steps=2, every_minutes=None, keep=3)
     run(config(checkpoint=ckpt), steps=6)
-    model_file = tmp_path / "ckpt" / "step-00000006" / "model.safetensors"
+    model_file = tmp_path / "ckpt" / "step-00000006" / "__0_0.distcp"
     model_file.write_bytes(model_file.read_bytes()[:-10] + b"0123456789")  # same size, wrong bytes
     warnings = []
     loaded = CheckpointManager(ckpt.dir).load_latest(on_skip=warnings.append)

@@ -44,11 +44,6 @@ def configure_cuda() -> None:
     torch.backends.cudnn.allow_tf32 = True
 
 
-def barrier() -> None:
-    if dist.is_available() and dist.is_initialized():
-        dist.barrier()
-
-
 def all_reduce_sum(value: torch.Tensor) -> torch.Tensor:
     """The sum over ranks (``value`` itself for one process)."""
     if dist.is_available() and dist.is_initialized():

@@ -20,7 +20,7 @@ from torch import nn
 from vit.engine.callbacks import Callback
 from vit.engine.checkpointing import CheckpointManager, optimizer_from_tensors, optimizer_to_tensors
 from vit.engine.config import TrainConfig
-from vit.engine.distributed import DistInfo, all_reduce_sum, barrier, configure_cuda
+from vit.engine.distributed import DistInfo, all_reduce_sum, configure_cuda
 from vit.engine.optim import build_optimizer, lr_at
 
 LossFn = Callable[[nn.Module, torch.Tensor, torch.Tensor], torch.Tensor]
@@ -182,15 +182,19 @@ class Trainer:
     # -- checkpoints --------------------------------------------------------------------------------------------
 
     def save_checkpoint(self) -> str | None:
+        """Start writing a checkpoint of the current step (every rank calls this; see :class:`CheckpointManager`)
+        and return its URI; the one before it is complete by then and reported as a ``checkpoint`` event."""
         if self.checkpoints is None:
             return None
-        uri = None
-        if self.dist.is_main:
-            opt_tensors, opt_meta = optimizer_to_tensors(self.optimizer)
+        self.finish_checkpoint()
+        opt_tensors, opt_meta = optimizer_to_tensors(self.optimizer)
+        tensors = {"model": self.raw.state_dict(), "optimizer": opt_tensors}
+        if self.polyak is not None:
+            tensors["polyak"] = {str(i): p for i, p in enumerate(self.polyak)}
+        state = None
+        if self.dist.is_main:  # the RNG and loader position of rank 0, as the data order is a function of it
             rng_tensors, rng_meta = rng_state()
-            extra = {f"rng.{k}": v for k, v in rng_tensors.items()}
-            if self.polyak is not None:
-                extra.update({f"polyak.{i}": p for i, p in enumerate(self.polyak)})
+            tensors["rng"] = rng_tensors
             state = {
                 "step": self.step,
                 "optimizer": opt_meta,
@@ -199,11 +203,13 @@ class Trainer:
                 "data": self.data.state_dict() if hasattr(self.data, "state_dict") else None,
                 "metadata": self.metadata,
             }
-            uri = self.checkpoints.save(
-                self.step, {"model": self.raw.state_dict(), "optimizer": opt_tensors, "extra": extra}, state
-            )
+        return self.checkpoints.save(self.step, tensors, state)
+
+    def finish_checkpoint(self) -> str | None:
+        """Wait for the checkpoint being written, if any; report it once it is complete."""
+        uri = self.checkpoints.wait() if self.checkpoints is not None else None
+        if uri is not None:
             self._emit("checkpoint", {"uri": uri})
-        barrier()
         return uri
 
     def _restore(self) -> int | None:
@@ -214,11 +220,10 @@ class Trainer:
             return None
         self.raw.load_state_dict(ckpt.tensors["model"])
         optimizer_from_tensors(self.optimizer, ckpt.tensors["optimizer"], ckpt.state["optimizer"])
-        extra = ckpt.tensors.get("extra", {})
         if self.polyak is not None:
             for i, p in enumerate(self.polyak):
-                p.copy_(extra[f"polyak.{i}"])
-        set_rng_state({k[4:]: v for k, v in extra.items() if k.startswith("rng.")}, ckpt.state["rng"])
+                p.copy_(ckpt.tensors["polyak"][str(i)])
+        set_rng_state(ckpt.tensors["rng"], ckpt.state["rng"])
         self.scaler.load_state_dict(ckpt.state["scaler"])
         if ckpt.state.get("data") is not None and hasattr(self.data, "load_state_dict"):
             self.data.load_state_dict(ckpt.state["data"])
@@ -308,6 +313,7 @@ class Trainer:
         finally:
             for sig, handler in previous_handlers.items():
                 signal.signal(sig, handler)
+            self.finish_checkpoint()  # also when stopped or crashed: what was being written completes
         if self.evaluate_fn:
             self._run_eval(result)
         result.step = self.step
@@ -340,8 +346,7 @@ class Trainer:
         return stops > 0, dues > 0, loss_sum / self.dist.world_size, grad_norm_value
 
     def _raise_non_finite(self, step: int, loss: float) -> None:
-        if self.checkpoints is not None:
-            self.checkpoints.wait()
+        self.finish_checkpoint()
         last = self.checkpoints.latest_step() if self.checkpoints else None
         where = f"; the last good checkpoint (step {last}) is untouched" if last else ""
         found = f" (found at step {self.step})" if step != self.step else ""
