@@ -399,3 +399,21 @@ def test_training_steps_read_nothing_back_to_the_host_except_on_log_steps(monkey
     monkeypatch.undo()
     assert [h["step"] for h in result.history] == [5, 10, 12]
     assert syncs and {step for step, _ in syncs} <= {5, 10, 12}, syncs
+
+
+def test_gpu_check_smoke_runs_every_part_on_the_cpu():
+    import subprocess
+    import sys
+
+    env = {**os.environ, "PYTHONPATH": os.getcwd(), "OMP_NUM_THREADS": "1"}
+    out = subprocess.run(
+        [sys.executable, "bench/gpu_check.py", "--smoke"], capture_output=True, text=True, env=env, timeout=300
+    )
+    assert out.returncode == 0, out.stderr[-2000:]
+    for part in (
+        "| vit_micro_4 @32 | eager |",
+        "flash attention in use",
+        "GPU data path",
+        "DDP self-test (1 process): gloo: passed",
+    ):
+        assert part in out.stdout, out.stdout

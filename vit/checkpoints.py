@@ -181,15 +181,22 @@ def load_npz(path_or_uri: str | os.PathLike) -> StateDict:
     ``opt/target/`` prefixes, scan-stacked blocks, big_vision's cls-without-posemb layout, hybrids and
     GroupNorm scales stored as (1, 1, 1, C).
     """
-    arrays = _read_npz(path_or_uri)
+    return _npz_state_dict(_read_npz(path_or_uri), path_or_uri)
+
+
+def _npz_state_dict(arrays: dict[str, np.ndarray], source: str | os.PathLike) -> StateDict:
     try:
         return _convert_npz(arrays)
     except KeyError as e:
-        raise CheckpointError(f"{path_or_uri}: missing key {e} for the official ViT layout") from None
+        raise CheckpointError(f"{source}: missing key {e} for the official ViT layout") from None
 
 
 def npz_num_heads(path_or_uri: str | os.PathLike) -> int | None:
-    arrays = _unstack_scanned(_strip_prefix(_read_npz(path_or_uri)))
+    return _npz_heads(_read_npz(path_or_uri))
+
+
+def _npz_heads(arrays: dict[str, np.ndarray]) -> int | None:
+    arrays = _unstack_scanned(_strip_prefix(arrays))
     for key, value in arrays.items():
         if key.endswith("/query/kernel") and value.ndim == 3:
             return int(value.shape[1])
@@ -479,20 +486,25 @@ def load_state_dict_strict(model: nn.Module, sd: Mapping[str, torch.Tensor], sou
 # vitflow's own format: safetensors + JSON metadata in the header
 
 
-def _check_safetensors_header(data: bytes, source: str) -> dict[str, Any]:
-    if len(data) < 8:
-        raise CheckpointError(f"{source}: truncated safetensors file ({len(data)} bytes)")
-    (header_len,) = struct.unpack("<Q", data[:8])
-    if header_len > MAX_SAFETENSORS_HEADER or 8 + header_len > len(data):
-        raise CheckpointError(
-            f"{source}: safetensors header claims {header_len} bytes but the file has {len(data)}: truncated or forged"
-        )
+def _check_safetensors_header(path: Path, source: str) -> dict[str, Any]:
+    """The header of a safetensors file, checked against the file's size; only the header is read."""
+    size = path.stat().st_size
+    with open(path, "rb") as f:
+        prefix = f.read(8)
+        if len(prefix) < 8:
+            raise CheckpointError(f"{source}: truncated safetensors file ({size} bytes)")
+        (header_len,) = struct.unpack("<Q", prefix)
+        if header_len > MAX_SAFETENSORS_HEADER or 8 + header_len > size:
+            raise CheckpointError(
+                f"{source}: safetensors header claims {header_len} bytes but the file has {size}: truncated or forged"
+            )
+        raw = f.read(header_len)
     try:
-        header = json.loads(data[8 : 8 + header_len])
+        header = json.loads(raw)
     except ValueError:
         raise CheckpointError(f"{source}: safetensors header is not valid JSON") from None
     end = max((v["data_offsets"][1] for k, v in header.items() if k != "__metadata__"), default=0)
-    if 8 + header_len + end > len(data):
+    if 8 + header_len + end > size:
         raise CheckpointError(f"{source}: truncated safetensors file (tensor data ends past the end of the file)")
     return header
 
@@ -518,12 +530,12 @@ def load_checkpoint(uri: str | os.PathLike) -> tuple[StateDict, dict[str, Any]]:
     source = str(uri)
     suffix = Path(source.split("?")[0]).suffix.lower()
     if suffix == ".safetensors":
-        from safetensors.torch import load
+        from safetensors.torch import load_file
 
-        data = storage.fetch(source).read_bytes()
-        header = _check_safetensors_header(data, source)
+        path = storage.fetch(source)
+        header = _check_safetensors_header(path, source)
         try:
-            tensors = load(data)
+            tensors = load_file(path)  # memory-mapped: pages are read as tensors are used, not copied up front
         except Exception as e:  # noqa: BLE001 - the library raises several types for corrupt input
             raise CheckpointError(f"{source}: corrupt safetensors file: {e}") from None
         meta_json = (header.get("__metadata__") or {}).get(METADATA_KEY)
@@ -550,8 +562,9 @@ def read_any(path_or_uri: str | os.PathLike) -> tuple[StateDict, ViTConfig, dict
     source = str(path_or_uri)
     storage.validate_uri(source)
     if Path(source.split("?")[0]).suffix.lower() == ".npz":
-        sd = load_npz(source)
-        return sd, infer_config(sd, npz_num_heads(source)), {"format": "npz"}
+        arrays = _read_npz(source)  # once: the state dict and the head count both come from it
+        sd = _npz_state_dict(arrays, source)
+        return sd, infer_config(sd, _npz_heads(arrays)), {"format": "npz"}
     sd, meta = load_checkpoint(source)
     if "config" in meta:
         cfg = ViTConfig.from_dict(meta["config"])
