@@ -1,5 +1,11 @@
 """The training loop: gradient accumulation, autocast, DDP, clipping, the official schedule, Polyak averaging,
 checkpoint/resume that reproduces an uninterrupted run exactly, a NaN guard, and a clean stop on SIGTERM/SIGINT.
+
+A step only queues work on the device; nothing is read back to the host except at a sync point — a log step
+(``log_every``) or a scheduled checkpoint. There the loss sum and the first non-finite step, accumulated on the
+device, are read, and under DDP one all-reduce also carries every rank's stop request and time-based checkpoint
+wish, so a SIGTERM to one rank stops all of them together, at most ``log_every`` steps later. A NaN is therefore
+acted on before any checkpoint after it is written. Checkpoints are written in the background (see checkpointing).
 """
 
 from __future__ import annotations
