@@ -190,6 +190,26 @@ def test_damaged_latest_checkpoint_falls_back_to_the_previous_one(tmp_path):
     assert loaded.step == 4 and "checksum mismatch" in warnings[0]
 
 
+def test_checkpoint_is_written_in_the_background_from_a_copy_of_the_tensors(tmp_path):
+    manager = CheckpointManager(str(tmp_path / "ckpt"))
+    weights = torch.zeros(10_000)
+    uri = manager.save(1, {"model": {"w": weights}}, {"step": 1})
+    weights.add_(1.0)  # training goes on changing the weights while the checkpoint is written
+    assert manager.wait() == uri and manager.wait() is None
+    loaded = manager.load_latest()
+    assert loaded.step == 1 and loaded.state == {"step": 1}
+    assert torch.equal(loaded.tensors["model"]["w"], torch.zeros(10_000))
+
+
+def test_checkpoints_round_trip_through_s3_and_keep_the_newest(s3_bucket):
+    manager = CheckpointManager(f"{s3_bucket}/ckpt", keep=2)
+    for step in (1, 2, 3):
+        manager.save(step, {"model": {"w": torch.full((4,), float(step))}}, {"step": step})
+    manager.wait()
+    assert manager._steps() == [2, 3] and manager.latest_step() == 3
+    assert torch.equal(manager.load_latest().tensors["model"]["w"], torch.full((4,), 3.0))
+
+
 class PoisonedAfter(InMemoryBatches):
     """Clean batches until ``clean`` have been served, then NaN images (a corrupt sample or a diverging run)."""
 
