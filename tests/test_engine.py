@@ -262,6 +262,22 @@ def test_polyak_average_is_used_for_evaluation():
     )
 
 
+def test_evaluation_runs_every_eval_every_steps_between_log_steps():
+    evaluated = []
+    trainer = None
+
+    def evaluate(model):
+        evaluated.append(trainer.step)
+        return {"val/top1": 0.0}
+
+    torch.manual_seed(0)
+    images, labels = toy_data()
+    cfg = TrainConfig(optim=SGD, log_every=5, eval_every=3)
+    trainer = Trainer(tiny_model(), cfg, InMemoryBatches(images, labels, 8), 7, CPU, softmax_loss, evaluate)
+    trainer.fit()
+    assert evaluated == [3, 6, 7]  # every 3 steps, and once at the end
+
+
 # -- masked patch prediction ------------------------------------------------------------------------------------
 
 

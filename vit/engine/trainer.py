@@ -298,14 +298,15 @@ class Trainer:
                 done = self.step == self.total_steps
                 log = self.step % self.cfg.log_every == 0 or done
                 scheduled = self._checkpoint_scheduled(done)
+                evaluate = bool(self.evaluate_fn and self.cfg.eval_every) and self.step % self.cfg.eval_every == 0
                 stop, due = self._stop_requested, self._minutes_due(last_ckpt_time)
-                if not (log or scheduled or (self.dist.world_size == 1 and (stop or due))):
+                if not (log or scheduled or evaluate or (self.dist.world_size == 1 and (stop or due))):
                     continue
                 stop, due, loss_sum, grad_norm_value = self._sync_point(window, grad_norm, stop, due)
                 if log:
                     self._log(result, window, loss_sum, grad_norm_value, peak)
                     window = _Window.start(self.dist.device)
-                if self.evaluate_fn and self.cfg.eval_every and self.step % self.cfg.eval_every == 0 and not done:
+                if evaluate and not done:
                     self._run_eval(result)
                     window.restart_clock()
                 if self.dist.world_size == 1:  # nobody to agree with: a signal during logging is acted on now
@@ -337,7 +338,8 @@ class Trainer:
     def _sync_point(
         self, window: _Window, grad_norm: torch.Tensor, stop: bool, due: bool
     ) -> tuple[bool, bool, float, float]:
-        """The one host synchronisation of a step: on log steps, scheduled checkpoints and (one process) a signal.
+        """The one host synchronisation of a step: on log, checkpoint and evaluation steps, and (one process) at a
+        signal.
 
         Every rank contributes its stop request, its time-based checkpoint wish, its loss sum and whether it saw a
         non-finite loss to one all-reduce, so all ranks decide alike: under DDP a SIGTERM to any rank is acted on
