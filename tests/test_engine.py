@@ -138,11 +138,16 @@ def test_gradient_clipping_bounds_the_update():
     assert result.history[0]["train/grad_norm"] > 1e-3
 
 
-def _ddp_worker(rank: int, world: int, port: int, out: str) -> None:
+def _join_gloo(rank: int, world: int, port: int) -> DistInfo:
+    """This spawned process as rank ``rank`` of a CPU (gloo) process group of ``world``."""
     os.environ.update(MASTER_ADDR="127.0.0.1", MASTER_PORT=str(port), RANK=str(rank), WORLD_SIZE=str(world))
     torch.distributed.init_process_group("gloo", rank=rank, world_size=world)
     torch.set_num_threads(1)
-    dist = DistInfo(rank, world, rank, torch.device("cpu"))
+    return DistInfo(rank, world, rank, torch.device("cpu"))
+
+
+def _ddp_worker(rank: int, world: int, port: int, out: str) -> None:
+    dist = _join_gloo(rank, world, port)
     trainer, _ = run(config(batch_size=8, optim=SGD), steps=6, batch=8 // world, dist=dist)
     if rank == 0:
         torch.save(trainer.raw.state_dict(), out)
@@ -347,10 +352,7 @@ class TermOnRank(InMemoryBatches):
 
 
 def _ddp_stop_worker(rank: int, world: int, port: int, ckpt: str, out: str) -> None:
-    os.environ.update(MASTER_ADDR="127.0.0.1", MASTER_PORT=str(port), RANK=str(rank), WORLD_SIZE=str(world))
-    torch.distributed.init_process_group("gloo", rank=rank, world_size=world)
-    torch.set_num_threads(1)
-    dist = DistInfo(rank, world, rank, torch.device("cpu"))
+    dist = _join_gloo(rank, world, port)
     torch.manual_seed(0)
     images, labels = toy_data()
     data = TermOnRank(images, labels, 4, rank=rank, world_size=world, target=1, at=3)
@@ -377,10 +379,7 @@ def test_sigterm_to_one_ddp_rank_stops_all_ranks_together_after_one_checkpoint(t
 
 
 def _ddp_accum_worker(rank: int, world: int, port: int, out: str) -> None:
-    os.environ.update(MASTER_ADDR="127.0.0.1", MASTER_PORT=str(port), RANK=str(rank), WORLD_SIZE=str(world))
-    torch.distributed.init_process_group("gloo", rank=rank, world_size=world)
-    torch.set_num_threads(1)
-    dist = DistInfo(rank, world, rank, torch.device("cpu"))
+    dist = _join_gloo(rank, world, port)
     torch.manual_seed(0)
     images, labels = toy_data()
     data = InMemoryBatches(images, labels, 2, rank=rank, world_size=world)
