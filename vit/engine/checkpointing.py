@@ -71,6 +71,7 @@ class _Writing:
         self.thread.start()
 
     def _run(self, manager: CheckpointManager, step: int, future, staging: Path, state: dict | None) -> None:
+        files = None
         try:
             future.result()
             if state is not None:
@@ -78,11 +79,14 @@ class _Writing:
             files = {p.name: {"sha256": storage.sha256_file(p), "size": p.stat().st_size} for p in staging.iterdir()}
             for name in files:
                 storage.publish_file(staging / name, storage.join(manager.step_uri(step), name))
-            manager.finish(step, files)
         except BaseException as exc:  # noqa: BLE001 - re-raised on the training thread by wait()
-            self.error = exc
+            self.error, files = exc, None
         finally:
             shutil.rmtree(staging, ignore_errors=True)
+        try:  # also after a failure here: the other ranks wait for this rank's part (or its absence)
+            manager.finish(step, files)
+        except BaseException as exc:  # noqa: BLE001 - as above
+            self.error = self.error or exc
 
 
 class CheckpointManager:
@@ -128,14 +132,18 @@ class CheckpointManager:
             raise writing.error
         return uri
 
-    def finish(self, step: int, files: dict[str, dict[str, Any]]) -> None:
-        """After every rank published its files: rank 0 writes the manifest, then moves the pointer."""
+    def finish(self, step: int, files: dict[str, dict[str, Any]] | None) -> None:
+        """After every rank published its files (``files`` None: this rank failed): rank 0 writes the manifest,
+        then moves the pointer; if any rank failed, neither, and the previous checkpoint stays the latest."""
+        parts = [files]
         if self.group is not None:
-            gathered: list[dict | None] = [None] * dist.get_world_size(self.group)
-            dist.all_gather_object(gathered, files, group=self.group)
-            files = {name: meta for part in gathered for name, meta in (part or {}).items()}
-        if self.rank != 0:
+            parts = [None] * dist.get_world_size(self.group)
+            dist.all_gather_object(parts, files, group=self.group)
+        if self.rank != 0 or files is None:
             return
+        if None in parts:
+            raise RuntimeError(f"checkpoint of step {step}: rank {parts.index(None)} could not write its part")
+        files = {name: meta for part in parts for name, meta in part.items()}
         manifest = {"step": step, "files": files}
         storage.write_text(storage.join(self.step_uri(step), "manifest.json"), json.dumps(manifest))
         storage.write_text(
