@@ -172,8 +172,8 @@ def main() -> None:
         f"CPU, fp32, medians of {rounds} interleaved runs; engine / bare is the median of the {rounds} paired "
         "ratios (each engine run against the bare run just before it). Both loops: same model and seed, AdamW, "
         "`InMemoryBatches`, cross-entropy, gradient-norm clipping at 1. The engine adds the learning-rate "
-        "schedule, a loss check (one host sync per step), metrics every 10 steps and checkpoint/signal "
-        "bookkeeping.\n\n" + markdown_table(CPU_HEADERS, rows) + "\n\n"
+        "schedule, a loss and NaN check kept on the device (read back on log steps), metrics every 10 steps and "
+        "checkpoint/signal bookkeeping.\n\n" + markdown_table(CPU_HEADERS, rows) + "\n\n"
         f"Goal: at most {100 * GOAL_OVERHEAD:.0f}% overhead; worst here {100 * worst:.1f}% "
         + ("(met)." if worst <= GOAL_OVERHEAD else "(not met).")
     )

@@ -6,6 +6,7 @@ import math
 import os
 import signal
 import socket
+import time
 
 import pytest
 import torch
@@ -137,11 +138,16 @@ def test_gradient_clipping_bounds_the_update():
     assert result.history[0]["train/grad_norm"] > 1e-3
 
 
-def _ddp_worker(rank: int, world: int, port: int, out: str) -> None:
+def _join_gloo(rank: int, world: int, port: int) -> DistInfo:
+    """This spawned process as rank ``rank`` of a CPU (gloo) process group of ``world``."""
     os.environ.update(MASTER_ADDR="127.0.0.1", MASTER_PORT=str(port), RANK=str(rank), WORLD_SIZE=str(world))
     torch.distributed.init_process_group("gloo", rank=rank, world_size=world)
     torch.set_num_threads(1)
-    dist = DistInfo(rank, world, rank, torch.device("cpu"))
+    return DistInfo(rank, world, rank, torch.device("cpu"))
+
+
+def _ddp_worker(rank: int, world: int, port: int, out: str) -> None:
+    dist = _join_gloo(rank, world, port)
     trainer, _ = run(config(batch_size=8, optim=SGD), steps=6, batch=8 // world, dist=dist)
     if rank == 0:
         torch.save(trainer.raw.state_dict(), out)
@@ -182,11 +188,31 @@ def test_resume_reproduces_the_uninterrupted_run_exactly(tmp_path):
 def test_damaged_latest_checkpoint_falls_back_to_the_previous_one(tmp_path):
     ckpt = CheckpointConfig(dir=str(tmp_path / "ckpt"), every_steps=2, every_minutes=None, keep=3)
     run(config(checkpoint=ckpt), steps=6)
-    model_file = tmp_path / "ckpt" / "step-00000006" / "model.safetensors"
+    model_file = tmp_path / "ckpt" / "step-00000006" / "__0_0.distcp"
     model_file.write_bytes(model_file.read_bytes()[:-10] + b"0123456789")  # same size, wrong bytes
     warnings = []
     loaded = CheckpointManager(ckpt.dir).load_latest(on_skip=warnings.append)
     assert loaded.step == 4 and "checksum mismatch" in warnings[0]
+
+
+def test_checkpoint_is_written_in_the_background_from_a_copy_of_the_tensors(tmp_path):
+    manager = CheckpointManager(str(tmp_path / "ckpt"))
+    weights = torch.zeros(10_000)
+    uri = manager.save(1, {"model": {"w": weights}}, {"step": 1})
+    weights.add_(1.0)  # training goes on changing the weights while the checkpoint is written
+    assert manager.wait() == uri and manager.wait() is None
+    loaded = manager.load_latest()
+    assert loaded.step == 1 and loaded.state == {"step": 1}
+    assert torch.equal(loaded.tensors["model"]["w"], torch.zeros(10_000))
+
+
+def test_checkpoints_round_trip_through_s3_and_keep_the_newest(s3_bucket):
+    manager = CheckpointManager(f"{s3_bucket}/ckpt", keep=2)
+    for step in (1, 2, 3):
+        manager.save(step, {"model": {"w": torch.full((4,), float(step))}}, {"step": step})
+    manager.wait()
+    assert manager._steps() == [2, 3] and manager.latest_step() == 3
+    assert torch.equal(manager.load_latest().tensors["model"]["w"], torch.full((4,), 3.0))
 
 
 class PoisonedAfter(InMemoryBatches):
@@ -241,6 +267,22 @@ def test_polyak_average_is_used_for_evaluation():
     )
 
 
+def test_evaluation_runs_every_eval_every_steps_between_log_steps():
+    evaluated = []
+    trainer = None
+
+    def evaluate(model):
+        evaluated.append(trainer.step)
+        return {"val/top1": 0.0}
+
+    torch.manual_seed(0)
+    images, labels = toy_data()
+    cfg = TrainConfig(optim=SGD, log_every=5, eval_every=3)
+    trainer = Trainer(tiny_model(), cfg, InMemoryBatches(images, labels, 8), 7, CPU, softmax_loss, evaluate)
+    trainer.fit()
+    assert evaluated == [3, 6, 7]  # every 3 steps, and once at the end
+
+
 # -- masked patch prediction ------------------------------------------------------------------------------------
 
 
@@ -274,3 +316,139 @@ def test_config_validation_names_fields():
         TrainConfig.from_dict({"optim": {"lrate": 1}})
     with pytest.raises(ValueError, match="optim.decay must be one of"):
         TrainConfig.from_dict({"optim": {"decay": "exp"}})
+
+
+# -- distributed agreement and host synchronisation -------------------------------------------------------------
+
+
+def _free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+def _join_or_kill(context, timeout: float = 60) -> None:
+    """Join spawned ranks; a deadlock (one rank in a barrier, the other in a backward all-reduce) fails the test."""
+    deadline = time.monotonic() + timeout
+    while not context.join(timeout=max(deadline - time.monotonic(), 0.1)):
+        if time.monotonic() > deadline:
+            for process in context.processes:
+                process.kill()
+            raise AssertionError("the ranks did not finish together (deadlock)")
+
+
+class TermOnRank(InMemoryBatches):
+    """Rank ``target`` receives SIGTERM (a preemption notice for one process) when it reaches micro-batch ``at``."""
+
+    def __init__(self, *args, target: int, at: int, **kw):
+        super().__init__(*args, **kw)
+        self.target, self.at = target, at
+
+    def __iter__(self):
+        for batch in super().__iter__():
+            if self.rank == self.target and self.position == self.at:
+                os.kill(os.getpid(), signal.SIGTERM)
+            yield batch
+
+
+def _ddp_stop_worker(rank: int, world: int, port: int, ckpt: str, out: str) -> None:
+    dist = _join_gloo(rank, world, port)
+    torch.manual_seed(0)
+    images, labels = toy_data()
+    data = TermOnRank(images, labels, 4, rank=rank, world_size=world, target=1, at=3)
+    cfg = TrainConfig(optim=SGD, log_every=2, batch_size=8, checkpoint=CheckpointConfig(dir=ckpt, every_minutes=None))
+    try:
+        Trainer(tiny_model(), cfg, data, 20, dist, softmax_loss).fit()
+        outcome = "finished"
+    except Preempted as e:
+        outcome = str(e)
+    with open(f"{out}.{rank}", "w") as f:
+        f.write(outcome)
+    torch.distributed.destroy_process_group()
+
+
+def test_sigterm_to_one_ddp_rank_stops_all_ranks_together_after_one_checkpoint(tmp_path):
+    ckpt, out = str(tmp_path / "ckpt"), str(tmp_path / "outcome")
+    context = mp.spawn(_ddp_stop_worker, args=(2, _free_port(), ckpt, out), nprocs=2, join=False)
+    _join_or_kill(context)
+    outcomes = [(tmp_path / f"outcome.{rank}").read_text() for rank in range(2)]
+    # rank 1 is signalled during step 3; the ranks agree at the next log step (4), save once and stop
+    assert all("stopped by a signal at step 4" in o for o in outcomes), outcomes
+    assert sorted(p.name for p in (tmp_path / "ckpt").iterdir() if p.name.startswith("step-")) == ["step-00000004"]
+    assert CheckpointManager(ckpt).load_latest().step == 4
+
+
+def _ddp_accum_worker(rank: int, world: int, port: int, out: str) -> None:
+    dist = _join_gloo(rank, world, port)
+    torch.manual_seed(0)
+    images, labels = toy_data()
+    data = InMemoryBatches(images, labels, 2, rank=rank, world_size=world)
+    trainer = Trainer(tiny_model(), config(batch_size=8, accum_steps=2, optim=SGD), data, 3, dist, softmax_loss)
+    reductions = []
+
+    def counting_allreduce(state, bucket):
+        """DDP's own all-reduce, recorded: which step it ran in, which gradient bucket."""
+        reductions.append((trainer.step, bucket.index()))
+        work = torch.distributed.all_reduce(bucket.buffer(), async_op=True)
+        return work.get_future().then(lambda fut: fut.value()[0].div_(world))
+
+    trainer.module.register_comm_hook(None, counting_allreduce)
+    trainer.fit()
+    if rank == 0:
+        torch.save(reductions, out)
+    torch.distributed.destroy_process_group()
+
+
+def test_ddp_accumulation_all_reduces_only_on_the_last_micro_batch(tmp_path):
+    out = str(tmp_path / "reductions.pt")
+    mp.spawn(_ddp_accum_worker, args=(2, _free_port(), out), nprocs=2, join=True)
+    reductions = torch.load(out)
+    first_buckets = [step for step, bucket in reductions if bucket == 0]
+    assert first_buckets == [1, 2, 3]  # one gradient all-reduce per optimiser step, none for the first micro-batch
+
+
+HOST_SYNCS = ("item", "tolist", "cpu", "numpy", "__float__", "__int__", "__bool__", "__index__", "__format__")
+
+
+def test_training_steps_read_nothing_back_to_the_host_except_on_log_steps(monkeypatch):
+    """A CPU-visible proxy for host synchronisations: every way a tensor's value reaches Python, recorded with the
+    step it happens in. The optimiser's own step counters are excluded: they live on the CPU even on a GPU."""
+    torch.manual_seed(0)
+    images, labels = toy_data()
+    cfg = TrainConfig(optim=OptimConfig(name="adam", lr=1e-3, warmup_steps=2), log_every=5)
+    trainer = Trainer(tiny_model(), cfg, InMemoryBatches(images, labels, 8), 12, CPU, softmax_loss)
+    counter_ids: set[int] = set()
+    syncs: list[tuple[int, str]] = []
+    for name in HOST_SYNCS:
+        original = getattr(torch.Tensor, name)
+
+        def spy(self, *args, _name=name, _original=original, **kw):
+            if id(self) not in counter_ids:
+                counter_ids.update(id(s["step"]) for s in trainer.optimizer.state.values() if "step" in s)
+            if id(self) not in counter_ids:
+                syncs.append((trainer.step, _name))
+            return _original(self, *args, **kw)
+
+        monkeypatch.setattr(torch.Tensor, name, spy)
+    result = trainer.fit()
+    monkeypatch.undo()
+    assert [h["step"] for h in result.history] == [5, 10, 12]
+    assert syncs and {step for step, _ in syncs} <= {5, 10, 12}, syncs
+
+
+def test_gpu_check_smoke_runs_every_part_on_the_cpu():
+    import subprocess
+    import sys
+
+    env = {**os.environ, "PYTHONPATH": os.getcwd(), "OMP_NUM_THREADS": "1"}
+    out = subprocess.run(
+        [sys.executable, "bench/gpu_check.py", "--smoke"], capture_output=True, text=True, env=env, timeout=300
+    )
+    assert out.returncode == 0, out.stderr[-2000:]
+    for part in (
+        "| vit_micro_4 @32 | eager |",
+        "flash attention in use",
+        "GPU data path",
+        "DDP self-test (1 process): gloo: passed",
+    ):
+        assert part in out.stdout, out.stdout

@@ -195,16 +195,23 @@ def load_npz(path_or_uri: str | os.PathLike) -> StateDict:
     ``opt/target/`` prefixes, scan-stacked blocks, big_vision's cls-without-posemb layout, hybrids and
     GroupNorm scales stored as (1, 1, 1, C).
     """
-    arrays = _read_npz(path_or_uri)
+    return _npz_state_dict(_read_npz(path_or_uri), path_or_uri)
+
+
+def _npz_state_dict(arrays: dict[str, np.ndarray], source: str | os.PathLike) -> StateDict:
     try:
         return _convert_npz(arrays)
     except KeyError as e:
         found = _describe_layout(_strip_prefix(arrays))
-        raise CheckpointError(f"{path_or_uri}: missing key {e} for the official ViT layout; {found}") from None
+        raise CheckpointError(f"{source}: missing key {e} for the official ViT layout; {found}") from None
 
 
 def npz_num_heads(path_or_uri: str | os.PathLike) -> int | None:
-    arrays = _unstack_scanned(_strip_prefix(_read_npz(path_or_uri)))
+    return _npz_heads(_read_npz(path_or_uri))
+
+
+def _npz_heads(arrays: dict[str, np.ndarray]) -> int | None:
+    arrays = _unstack_scanned(_strip_prefix(arrays))
     for key, value in arrays.items():
         if key.endswith("/query/kernel") and value.ndim == 3:
             return int(value.shape[1])
@@ -565,8 +572,9 @@ def read_any(path_or_uri: str | os.PathLike) -> tuple[StateDict, ViTConfig, dict
     source = str(path_or_uri)
     storage.validate_uri(source)
     if Path(source.split("?")[0]).suffix.lower() == ".npz":
-        sd = load_npz(source)
-        return sd, infer_config(sd, npz_num_heads(source)), {"format": "npz"}
+        arrays = _read_npz(source)  # once: the state dict and the head count both come from it
+        sd = _npz_state_dict(arrays, source)
+        return sd, infer_config(sd, _npz_heads(arrays)), {"format": "npz"}
     sd, meta = load_checkpoint(source)
     if "config" in meta:
         cfg = ViTConfig.from_dict(meta["config"])

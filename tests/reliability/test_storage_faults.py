@@ -130,13 +130,13 @@ def test_s3_outage_during_preparation_and_checkpoint_upload(seaweedfs, tiny_data
     assert storage.exists(f"{ckpt}/model.safetensors")
 
     # A checksum mismatch in the newest checkpoint object is detected; the previous good one is used.
-    newest = f"{ckpt}/step-00000060/model.safetensors"
+    newest = f"{ckpt}/step-00000060/__0_0.distcp"
     data = storage.read_bytes(newest)
     storage.write_bytes(newest, data[:-8] + bytes(b ^ 0xFF for b in data[-8:]))
     skipped: list[str] = []
     loaded = manager.load_latest(on_skip=skipped.append)
     assert loaded is not None and loaded.step == 58
-    assert len(skipped) == 1 and "step-00000060/model.safetensors: checksum mismatch" in skipped[0]
+    assert len(skipped) == 1 and "step-00000060/__0_0.distcp: checksum mismatch" in skipped[0]
 
 
 @pytest.fixture

@@ -37,16 +37,18 @@ def init_distributed(device: str = "auto") -> DistInfo:
     return DistInfo(rank, world, local_rank, dev)
 
 
-def barrier() -> None:
-    if dist.is_available() and dist.is_initialized():
-        dist.barrier()
+def configure_cuda() -> None:
+    """TF32 tensor cores for fp32 matmuls and convolutions (bf16/fp16 autocast regions are unaffected): on
+    Ampere and newer an fp32 matmul is several times faster at a precision training does not notice."""
+    torch.set_float32_matmul_precision("high")
+    torch.backends.cudnn.allow_tf32 = True
 
 
-def all_reduce_mean(value: torch.Tensor) -> torch.Tensor:
+def all_reduce_sum(value: torch.Tensor) -> torch.Tensor:
+    """The sum over ranks (``value`` itself for one process)."""
     if dist.is_available() and dist.is_initialized():
         value = value.clone()
         dist.all_reduce(value)
-        value /= dist.get_world_size()
     return value
 
 

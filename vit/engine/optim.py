@@ -53,12 +53,21 @@ def _param_groups(model: nn.Module, weight_decay: float, on: str) -> list[dict]:
     ]
 
 
+def _fused_adamw(groups: list[dict]) -> bool | None:
+    """AdamW's fused kernel (one launch for all parameters) when every parameter is on a CUDA device; otherwise
+    torch's default (foreach on the CPU), so CPU runs keep their exact numbers."""
+    params = [p for g in groups for p in g["params"]]
+    return True if params and all(p.is_cuda and p.is_floating_point() for p in params) else None
+
+
 def build_optimizer(model: nn.Module, cfg: OptimConfig) -> torch.optim.Optimizer:
     """The optimiser for a config; the learning rate is set by the trainer at every step from :func:`lr_at`."""
     if cfg.name == "adam":
         wd = cfg.weight_decay / cfg.lr if cfg.weight_decay_mode == "schedule_only" else cfg.weight_decay
         groups = _param_groups(model, wd, cfg.weight_decay_on)
-        return torch.optim.AdamW(groups, lr=cfg.lr, betas=cfg.betas, eps=cfg.eps, weight_decay=wd)
+        return torch.optim.AdamW(
+            groups, lr=cfg.lr, betas=cfg.betas, eps=cfg.eps, weight_decay=wd, fused=_fused_adamw(groups)
+        )
     if cfg.name == "sgd":
         groups = _param_groups(model, cfg.weight_decay, cfg.weight_decay_on)
         return torch.optim.SGD(groups, lr=cfg.lr, momentum=cfg.momentum, dampening=0.0, nesterov=False)

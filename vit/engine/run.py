@@ -90,6 +90,7 @@ def train(cfg: TrainConfig, callbacks: Sequence[Callback] = (), dist: DistInfo |
     steps = total_steps(cfg, ds.count(cfg.data.train_split))
     micro = cfg.batch_size // (dist.world_size * cfg.accum_steps)
     size = cfg.model.image_size
+    pin = dist.device.type == "cuda"  # page-locked batches, so the trainer's non_blocking copies overlap compute
     loader = ds.loader(
         cfg.data.train_split,
         micro,
@@ -100,6 +101,7 @@ def train(cfg: TrainConfig, callbacks: Sequence[Callback] = (), dist: DistInfo |
         num_workers=cfg.data.num_workers,
         rank=dist.rank,
         world_size=dist.world_size,
+        pin_memory=pin,
     )
     module: nn.Module
     if cfg.objective == "mpp":
@@ -122,6 +124,7 @@ def train(cfg: TrainConfig, callbacks: Sequence[Callback] = (), dist: DistInfo |
                 num_workers=cfg.data.num_workers,
                 rank=dist.rank,
                 world_size=dist.world_size,
+                pin_memory=pin,
             )
             metrics = evaluate_classifier(m, batches, num_classes, micro, dist.device, cfg.precision)
             return {f"val/{k}": v for k, v in metrics.items()}

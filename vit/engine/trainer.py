@@ -1,11 +1,16 @@
 """The training loop: gradient accumulation, autocast, DDP, clipping, the official schedule, Polyak averaging,
 checkpoint/resume that reproduces an uninterrupted run exactly, a NaN guard, and a clean stop on SIGTERM/SIGINT.
+
+A step only queues work on the device; nothing is read back to the host except at a sync point — a log step
+(``log_every``) or a scheduled checkpoint. There the loss sum and the first non-finite step, accumulated on the
+device, are read, and under DDP one all-reduce also carries every rank's stop request and time-based checkpoint
+wish, so a SIGTERM to one rank stops all of them together, at most ``log_every`` steps later. A NaN is therefore
+acted on before any checkpoint after it is written. Checkpoints are written in the background (see checkpointing).
 """
 
 from __future__ import annotations
 
 import contextlib
-import math
 import random
 import signal
 import threading
@@ -21,7 +26,7 @@ from torch import nn
 from vit.engine.callbacks import Callback
 from vit.engine.checkpointing import CheckpointManager, optimizer_from_tensors, optimizer_to_tensors
 from vit.engine.config import TrainConfig
-from vit.engine.distributed import DistInfo, all_reduce_mean, barrier
+from vit.engine.distributed import DistInfo, all_reduce_sum, configure_cuda
 from vit.engine.optim import build_optimizer, lr_at
 
 LossFn = Callable[[nn.Module, torch.Tensor, torch.Tensor], torch.Tensor]
@@ -42,6 +47,34 @@ class TrainResult:
     resumed_from: int | None
     history: list[dict[str, float]] = field(default_factory=list)
     eval: dict[str, float] = field(default_factory=dict)
+
+
+@dataclass
+class _Window:
+    """What accumulates between log steps, on the device: the loss sum and the first non-finite step and loss
+    (0 while none), so a NaN is acted on at the next synchronisation instead of costing a host read every step."""
+
+    loss_sum: torch.Tensor
+    bad_step: torch.Tensor
+    bad_loss: torch.Tensor
+    steps: int = 0
+    images: int = 0
+    started: float = field(default_factory=time.perf_counter)
+
+    @classmethod
+    def start(cls, device: torch.device) -> _Window:
+        return cls(*(torch.zeros((), device=device) for _ in range(3)))
+
+    def add(self, step: int, loss: torch.Tensor, images: int) -> None:
+        self.loss_sum += loss
+        first = (self.bad_step == 0) & ~torch.isfinite(loss)
+        self.bad_step = torch.where(first, float(step), self.bad_step)
+        self.bad_loss = torch.where(first, loss, self.bad_loss)
+        self.steps += 1
+        self.images += images
+
+    def restart_clock(self) -> None:
+        self.started = time.perf_counter()
 
 
 # Dense bf16 peaks per device, for MFU on GPUs (vendor datasheets).
@@ -107,6 +140,8 @@ class Trainer:
         metadata: dict[str, Any] | None = None,
     ):
         self.cfg = cfg
+        if dist.device.type == "cuda":
+            configure_cuda()
         self.raw = model.to(dist.device)
         self.data = data
         self.total_steps = total_steps
@@ -131,13 +166,13 @@ class Trainer:
     def _wrap(self, model: nn.Module) -> nn.Module:
         if self.cfg.grad_checkpointing and hasattr(model, "set_grad_checkpointing"):
             model.set_grad_checkpointing(True)
+        if self.cfg.compile:  # the inner module, then DDP: the order PyTorch's "where to apply torch.compile" gives
+            model.compile()
         if self.dist.world_size > 1:
             from torch.nn.parallel import DistributedDataParallel
 
             ids = [self.dist.device.index] if self.dist.device.type == "cuda" else None
             model = DistributedDataParallel(model, device_ids=ids)
-        if self.cfg.compile:
-            model = torch.compile(model)
         return model
 
     def _emit(self, event: str, data: dict[str, Any]) -> None:
@@ -153,15 +188,19 @@ class Trainer:
     # -- checkpoints --------------------------------------------------------------------------------------------
 
     def save_checkpoint(self) -> str | None:
+        """Start writing a checkpoint of the current step (every rank calls this; see :class:`CheckpointManager`)
+        and return its URI; the one before it is complete by then and reported as a ``checkpoint`` event."""
         if self.checkpoints is None:
             return None
-        uri = None
-        if self.dist.is_main:
-            opt_tensors, opt_meta = optimizer_to_tensors(self.optimizer)
+        self.finish_checkpoint()
+        opt_tensors, opt_meta = optimizer_to_tensors(self.optimizer)
+        tensors = {"model": self.raw.state_dict(), "optimizer": opt_tensors}
+        if self.polyak is not None:
+            tensors["polyak"] = {str(i): p for i, p in enumerate(self.polyak)}
+        state = None
+        if self.dist.is_main:  # the RNG and loader position of rank 0, as the data order is a function of it
             rng_tensors, rng_meta = rng_state()
-            extra = {f"rng.{k}": v for k, v in rng_tensors.items()}
-            if self.polyak is not None:
-                extra.update({f"polyak.{i}": p for i, p in enumerate(self.polyak)})
+            tensors["rng"] = rng_tensors
             state = {
                 "step": self.step,
                 "optimizer": opt_meta,
@@ -170,11 +209,13 @@ class Trainer:
                 "data": self.data.state_dict() if hasattr(self.data, "state_dict") else None,
                 "metadata": self.metadata,
             }
-            uri = self.checkpoints.save(
-                self.step, {"model": self.raw.state_dict(), "optimizer": opt_tensors, "extra": extra}, state
-            )
+        return self.checkpoints.save(self.step, tensors, state)
+
+    def finish_checkpoint(self) -> str | None:
+        """Wait for the checkpoint being written, if any; report it once it is complete."""
+        uri = self.checkpoints.wait() if self.checkpoints is not None else None
+        if uri is not None:
             self._emit("checkpoint", {"uri": uri})
-        barrier()
         return uri
 
     def _restore(self) -> int | None:
@@ -185,11 +226,10 @@ class Trainer:
             return None
         self.raw.load_state_dict(ckpt.tensors["model"])
         optimizer_from_tensors(self.optimizer, ckpt.tensors["optimizer"], ckpt.state["optimizer"])
-        extra = ckpt.tensors.get("extra", {})
         if self.polyak is not None:
             for i, p in enumerate(self.polyak):
-                p.copy_(extra[f"polyak.{i}"])
-        set_rng_state({k[4:]: v for k, v in extra.items() if k.startswith("rng.")}, ckpt.state["rng"])
+                p.copy_(ckpt.tensors["polyak"][str(i)])
+        set_rng_state(ckpt.tensors["rng"], ckpt.state["rng"])
         self.scaler.load_state_dict(ckpt.state["scaler"])
         if ckpt.state.get("data") is not None and hasattr(self.data, "load_state_dict"):
             self.data.load_state_dict(ckpt.state["data"])
@@ -248,58 +288,91 @@ class Trainer:
             peak = peak_flops(self.dist.device, self.cfg.precision)
         batches = self._micro_batches()
         last_ckpt_time = time.monotonic()
-        window_loss, window_images, window_start = 0.0, 0, time.perf_counter()
+        window = _Window.start(self.dist.device)
         self.module.train()
         try:
             while self.step < self.total_steps:
                 self.step += 1
-                loss_value, grad_norm, images = self._train_step(batches)
-                window_loss += loss_value
-                window_images += images
+                loss, grad_norm, images = self._train_step(batches)
+                window.add(self.step, loss, images)
                 done = self.step == self.total_steps
-                if self.step % self.cfg.log_every == 0 or done:
-                    elapsed = time.perf_counter() - window_start
-                    n = self.cfg.log_every if not done else (self.step - 1) % self.cfg.log_every + 1
-                    ips = window_images * self.dist.world_size / max(elapsed, 1e-9)
-                    metrics = {
-                        "train/loss": window_loss / n,
-                        "train/lr": self.optimizer.param_groups[0]["lr"],
-                        "train/grad_norm": grad_norm,
-                        "train/images_per_s": ips,
-                    }
-                    if peak and self.flops_per_image:
-                        metrics["train/mfu"] = ips * self.flops_per_image / (peak * self.dist.world_size)
-                    result.history.append({"step": self.step, **metrics})
-                    self._emit("metrics", metrics)
-                    window_loss, window_images, window_start = 0.0, 0, time.perf_counter()
-                if self.evaluate_fn and self.cfg.eval_every and self.step % self.cfg.eval_every == 0 and not done:
+                log = self.step % self.cfg.log_every == 0 or done
+                scheduled = self._checkpoint_scheduled(done)
+                evaluate = bool(self.evaluate_fn and self.cfg.eval_every) and self.step % self.cfg.eval_every == 0
+                stop, due = self._stop_requested, self._minutes_due(last_ckpt_time)
+                if not (log or scheduled or evaluate or (self.dist.world_size == 1 and (stop or due))):
+                    continue
+                stop, due, loss_sum, grad_norm_value = self._sync_point(window, grad_norm, stop, due)
+                if log:
+                    self._log(result, window, loss_sum, grad_norm_value, peak)
+                    window = _Window.start(self.dist.device)
+                if evaluate and not done:
                     self._run_eval(result)
-                    window_start = time.perf_counter()
-                if self._checkpoint_due(last_ckpt_time) or done or self._stop_requested:
+                    window.restart_clock()
+                if self.dist.world_size == 1:  # nobody to agree with: a signal during logging is acted on now
+                    stop = self._stop_requested
+                if scheduled or due or stop:
                     self.save_checkpoint()
                     last_ckpt_time = time.monotonic()
-                    window_start = time.perf_counter()
-                if self._stop_requested:
+                    window.restart_clock()
+                if stop:
                     raise Preempted(f"stopped by a signal at step {self.step}; checkpoint saved, run again to resume")
         finally:
             for sig, handler in previous_handlers.items():
                 signal.signal(sig, handler)
+            self.finish_checkpoint()  # also when stopped or crashed: what was being written completes
         if self.evaluate_fn:
             self._run_eval(result)
         result.step = self.step
         self._emit("end", {"step": self.step, **result.eval})
         return result
 
-    def _checkpoint_due(self, last_time: float) -> bool:
-        c = self.cfg.checkpoint
-        if self.checkpoints is None:
-            return False
-        if c.every_steps and self.step % c.every_steps == 0:
-            return True
-        due = bool(c.every_minutes) and time.monotonic() - last_time >= c.every_minutes * 60
-        if self.dist.world_size > 1:  # every rank must agree, or the barrier in save_checkpoint deadlocks
-            due = bool(all_reduce_mean(torch.tensor(float(due), device=self.dist.device)).item() > 0)
-        return due
+    def _checkpoint_scheduled(self, done: bool) -> bool:
+        every = self.cfg.checkpoint.every_steps
+        return self.checkpoints is not None and (done or bool(every) and self.step % every == 0)
+
+    def _minutes_due(self, last_time: float) -> bool:
+        minutes = self.cfg.checkpoint.every_minutes
+        return self.checkpoints is not None and bool(minutes) and time.monotonic() - last_time >= minutes * 60
+
+    def _sync_point(
+        self, window: _Window, grad_norm: torch.Tensor, stop: bool, due: bool
+    ) -> tuple[bool, bool, float, float]:
+        """The one host synchronisation of a step: on log, checkpoint and evaluation steps, and (one process) at a
+        signal.
+
+        Every rank contributes its stop request, its time-based checkpoint wish, its loss sum and whether it saw a
+        non-finite loss to one all-reduce, so all ranks decide alike: under DDP a SIGTERM to any rank is acted on
+        by all at the next log step (at most ``log_every`` steps later), and a NaN on any rank stops all of them.
+        """
+        flags = torch.tensor([float(stop), float(due)], device=self.dist.device)
+        shared = all_reduce_sum(torch.cat([torch.stack([window.loss_sum, (window.bad_step > 0).float()]), flags]))
+        local = torch.stack([window.bad_step, window.bad_loss, grad_norm.detach().float()])
+        loss_sum, any_bad, stops, dues, bad_step, bad_loss, grad_norm_value = torch.cat([shared, local]).tolist()
+        if any_bad:
+            self._raise_non_finite(int(bad_step) or self.step, bad_loss)
+        return stops > 0, dues > 0, loss_sum / self.dist.world_size, grad_norm_value
+
+    def _raise_non_finite(self, step: int, loss: float) -> None:
+        self.finish_checkpoint()
+        last = self.checkpoints.latest_step() if self.checkpoints else None
+        where = f"; the last good checkpoint (step {last}) is untouched" if last else ""
+        found = f" (found at step {self.step})" if step != self.step else ""
+        raise NonFiniteLossError(f"non-finite loss {loss} at step {step}{where}{found}")
+
+    def _log(self, result: TrainResult, window: _Window, loss_sum: float, grad_norm: float, peak: float | None) -> None:
+        elapsed = time.perf_counter() - window.started
+        ips = window.images * self.dist.world_size / max(elapsed, 1e-9)
+        metrics = {
+            "train/loss": loss_sum / window.steps,
+            "train/lr": self.optimizer.param_groups[0]["lr"],
+            "train/grad_norm": grad_norm,
+            "train/images_per_s": ips,
+        }
+        if peak and self.flops_per_image:
+            metrics["train/mfu"] = ips * self.flops_per_image / (peak * self.dist.world_size)
+        result.history.append({"step": self.step, **metrics})
+        self._emit("metrics", metrics)
 
     def _run_eval(self, result: TrainResult) -> None:
         self.module.eval()
@@ -309,7 +382,8 @@ class Trainer:
         result.eval = metrics
         self._emit("eval", metrics)
 
-    def _train_step(self, batches: Iterator) -> tuple[float, float, int]:
+    def _train_step(self, batches: Iterator) -> tuple[torch.Tensor, torch.Tensor, int]:
+        """One optimiser step, queued on the device: nothing here waits for it (see :meth:`_sync_point`)."""
         cfg = self.cfg
         for group in self.optimizer.param_groups:
             group["lr"] = lr_at(
@@ -331,16 +405,11 @@ class Trainer:
                 loss = self.loss_fn(self.module, x, y) / cfg.accum_steps
             self.scaler.scale(loss).backward()
             total_loss += loss.detach()
-        loss_value = float(all_reduce_mean(total_loss).item())
-        if not math.isfinite(loss_value):
-            last = self.checkpoints.latest_step() if self.checkpoints else None
-            where = f"; the last good checkpoint (step {last}) is untouched" if last else ""
-            raise NonFiniteLossError(f"non-finite loss {loss_value} at step {self.step}{where}")
         self.scaler.unscale_(self.optimizer)
         max_norm = cfg.optim.grad_clip if cfg.optim.grad_clip else float("inf")
-        grad_norm = float(torch.nn.utils.clip_grad_norm_(self.raw.parameters(), max_norm))
+        grad_norm = torch.nn.utils.clip_grad_norm_(self.raw.parameters(), max_norm)
         self.scaler.step(self.optimizer)
         self.scaler.update()
         if self.polyak is not None:
             self._update_polyak()
-        return loss_value, grad_norm, images
+        return total_loss, grad_norm, images
