@@ -3,17 +3,24 @@
 from __future__ import annotations
 
 import re
+from dataclasses import replace
 
 import numpy as np
 import pytest
 import timm
 import torch
+import torch.nn.functional as F
 
 import vit
 from tests.helpers import images, randomize_
 from vit.bit import ResNetV2
 from vit.checkpoints import CheckpointError, convert_timm, load_npz, save_checkpoint
 from vit.configs import BIT_VARIANTS
+from vit.data import open_dataset
+from vit.engine.losses import mixup, mixup_loss
+from vit.engine.optim import lr_at
+from vit.engine.protocol import fewshot_on_dataset, finetune_with_sweep
+from vit.engine.recipes import BIT_HYPERRULE, TABLE4, bit_hyperrule, default_finetune_recipe
 from vit.model import flops_per_image
 
 SIZE = 64
@@ -143,3 +150,87 @@ def test_bit_flops_count_every_convolution():
     assert len(convs) == 1 + 3 * 16 + 4
     gmacs = flops_per_image(model.cfg, training=False) / 2 / 1e9
     assert 4.0 < gmacs < 4.2  # timm lists 4.3 GMACs for resnetv2_50x1_bit, GroupNorms included
+
+
+# --------------------------------------------------------------------------------------------------------------
+# BiT-HyperRule, MixUp, training and few-shot through the engine
+
+
+@pytest.mark.parametrize(
+    ("count", "hw", "steps", "warmup", "crop", "alpha"),
+    [
+        (3_680, (224, 224), 500, 100, 384, 0.0),  # Pets: small set, large images
+        (50_000, (32, 32), 10_000, 500, 128, 0.1),  # CIFAR: < 500k, images below 96x96
+        (1_281_167, (224, 224), 20_000, 500, 384, 0.1),  # ImageNet
+    ],
+)
+def test_bit_hyperrule_picks_steps_resolution_and_mixup_by_dataset_size(count, hw, steps, warmup, crop, alpha):
+    recipe = bit_hyperrule(count, hw)
+    assert (recipe.steps, recipe.warmup_steps, recipe.image_size, recipe.mixup_alpha) == (steps, warmup, crop, alpha)
+    assert recipe.lrs == (0.003,) and recipe.batch_size == 512
+    cfg = recipe.train_config("init.npz", "file:///data", 0.003, "train", None, None, seed=3)
+    assert (cfg.optim.name, cfg.optim.momentum, cfg.optim.decay, cfg.optim.grad_clip) == ("sgd", 0.9, "step", None)
+    assert cfg.optim.weight_decay == 0.0 and cfg.mixup_alpha == alpha and cfg.seed == 3
+
+
+def test_bit_step_schedule_matches_big_transfers_supports():
+    """big_transfer's bit_hyperrule.get_lr: linear warmup to the first support, then /10 past each later one."""
+
+    def official(step: int, supports: list[int], base: float = 0.003) -> float:
+        if step < supports[0]:
+            return base * step / supports[0]
+        return base / 10 ** sum(s < step for s in supports[1:-1])
+
+    for count in (1_000, 50_000):
+        recipe = bit_hyperrule(count, (32, 32))
+        total, warmup = recipe.steps, recipe.warmup_steps
+        supports = [warmup, *(round(f * total) for f in recipe.decay_at), total]
+        assert supports in ([100, 200, 300, 400, 500], [500, 3000, 6000, 9000, 10_000])
+        for step in range(1, total):
+            ours = lr_at(step, 0.003, total, warmup, "step", 0.0, recipe.decay_at)
+            assert ours == pytest.approx(official(step, supports), rel=1e-9)
+
+
+def test_default_recipe_is_the_hyperrule_for_bit_and_table4_for_vit():
+    assert default_finetune_recipe("cifar10", bit=True) is BIT_HYPERRULE["cifar10"]
+    assert default_finetune_recipe("cifar10") is TABLE4["cifar10"]
+    with pytest.raises(ValueError, match="unknown protocol"):
+        default_finetune_recipe("mnist", bit=True)
+
+
+def test_mixup_blends_each_image_with_a_partner_and_their_labels():
+    x, y = images(6, 8), torch.arange(6)
+    torch.manual_seed(5)
+    mixed, partners, lam = mixup(x, y, 0.1)
+    order = torch.tensor([int(p) for p in partners])
+    assert 0.0 <= lam <= 1.0 and sorted(order.tolist()) == list(range(6))
+    torch.testing.assert_close(mixed, lam * x + (1 - lam) * x[order])
+    model = vit.create_model("bit_micro", num_classes=6, image_size=8)
+    randomize_(model)
+    torch.manual_seed(5)
+    loss = mixup_loss("softmax", model, x, y, 0.1, 0.0)
+    logits = model(mixed)
+    expected = lam * F.cross_entropy(logits, y) + (1 - lam) * F.cross_entropy(logits, order)
+    torch.testing.assert_close(loss, expected)
+
+
+@pytest.fixture(scope="module")
+def vtab_task(tmp_path_factory) -> str:
+    from vit.data import prepare_dataset
+
+    root = str(tmp_path_factory.mktemp("bitdata"))
+    return prepare_dataset("synthetic-vtab:natural_fine,test=64", "fine", root, progress=False)
+
+
+def test_bit_fine_tunes_with_the_hyperrule_and_mixup_and_few_shots_on_pooled_features(vtab_task, tmp_path):
+    init = tmp_path / "bit.safetensors"
+    save_checkpoint(init, vit.create_model("bit_micro", num_classes=0, image_size=32))
+    recipe = replace(BIT_HYPERRULE["vtab"], image_size=32)
+    result = finetune_with_sweep(
+        recipe, str(init), vtab_task, str(tmp_path / "out"), steps=4, batch_size=16, mixup_alpha=0.1
+    )
+    assert result.test["count"] == 64 and 0 <= result.test["top1"] <= 1
+    trained = vit.load_pretrained(result.model_uri)
+    assert isinstance(trained, ResNetV2) and trained.cfg.num_classes == open_dataset(vtab_task).num_classes
+    shots = fewshot_on_dataset(trained.eval(), vtab_task, "train800val200", "test", shots=[2], seeds=[0])
+    assert len(shots) == 1 and 0 <= shots["accuracy"].iloc[0] <= 1

@@ -195,16 +195,17 @@ _REGISTRY: dict[str, ModelSpec] = {
     "r50_vit_b_16": ModelSpec(_vit(1, 768, 12, 12, 3072, dropout=0.1, resnet_layers=(3, 4, 9)), "R50+ViT-B/16"),
     "r50_vit_l_32": ModelSpec(_vit(1, 1024, 24, 16, 4096, dropout=0.1, resnet_layers=(3, 4, 6, 3)), "R50+ViT-L/32"),
     # BiT baselines (Kolesnikov et al. 2020, big_transfer): the paper's ResNet comparators (Table 2: BiT-L R152x4).
-    "bit_r50x1": ModelSpec(BiTConfig((3, 4, 6, 3), 1), "BiT-R50x1"),
-    "bit_r50x3": ModelSpec(BiTConfig((3, 4, 6, 3), 3), "BiT-R50x3"),
-    "bit_r101x1": ModelSpec(BiTConfig((3, 4, 23, 3), 1), "BiT-R101x1"),
-    "bit_r101x3": ModelSpec(BiTConfig((3, 4, 23, 3), 3), "BiT-R101x3"),
-    "bit_r152x2": ModelSpec(BiTConfig((3, 8, 36, 3), 2), "BiT-R152x2"),
-    "bit_r152x4": ModelSpec(BiTConfig((3, 8, 36, 3), 4), "BiT-R152x4"),
+    # The aliases are the paper's table names (Table 2's BiT-L, Table 6's ResNets), so its numbers find ours.
+    "bit_r50x1": ModelSpec(BiTConfig((3, 4, 6, 3), 1), "BiT-R50x1", ("ResNet50x1",)),
+    "bit_r50x3": ModelSpec(BiTConfig((3, 4, 6, 3), 3), "BiT-R50x3", ("ResNet50x3",)),
+    "bit_r101x1": ModelSpec(BiTConfig((3, 4, 23, 3), 1), "BiT-R101x1", ("ResNet101x1",)),
+    "bit_r101x3": ModelSpec(BiTConfig((3, 4, 23, 3), 3), "BiT-R101x3", ("ResNet101x3",)),
+    "bit_r152x2": ModelSpec(BiTConfig((3, 8, 36, 3), 2), "BiT-R152x2", ("ResNet152x2",)),
+    "bit_r152x4": ModelSpec(BiTConfig((3, 8, 36, 3), 4), "BiT-R152x4", ("ResNet152x4", "BiT-L (ResNet152x4)")),
     # Tiny models for CPU demos and tests (not in the paper).
     "vit_micro_4": ModelSpec(_vit(4, 64, 4, 4, 128), "ViT-micro/4"),
     "vit_mini_8": ModelSpec(_vit(8, 128, 6, 4, 256), "ViT-mini/8"),
-    "bit_micro": ModelSpec(BiTConfig((1, 1, 1), 1, base_width=32), "BiT-micro"),
+    "bit_micro": ModelSpec(BiTConfig((3, 3, 1), 1, base_width=32), "BiT-micro"),  # ViT-micro/4's FLOPs at 32 px
 }
 
 _SMALL = ("vit_micro", "vit_mini", "bit_micro")
@@ -221,6 +222,7 @@ for _key, _spec in _REGISTRY.items():
     _ALIASES[_normalise(_spec.paper_name)] = _key
     _ALIASES[_normalise(_spec.paper_name.replace("/", "_"))] = _key  # "ViT-B_16", the official file names
     _ALIASES[_key] = _key
+    _ALIASES.update((_normalise(alias), _key) for alias in _spec.aliases)
 
 
 def resolve_model_name(name: str) -> str:

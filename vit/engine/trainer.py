@@ -312,8 +312,9 @@ class Trainer:
     def _train_step(self, batches: Iterator) -> tuple[float, float, int]:
         cfg = self.cfg
         for group in self.optimizer.param_groups:
+            o = cfg.optim
             group["lr"] = lr_at(
-                self.step, cfg.optim.lr, self.total_steps, cfg.optim.warmup_steps, cfg.optim.decay, cfg.optim.linear_end
+                self.step, o.lr, self.total_steps, o.warmup_steps, o.decay, o.linear_end, o.step_decay_at
             )
         self.optimizer.zero_grad(set_to_none=True)
         total_loss = torch.zeros((), device=self.dist.device)
