@@ -234,3 +234,62 @@ def test_bit_fine_tunes_with_the_hyperrule_and_mixup_and_few_shots_on_pooled_fea
     assert isinstance(trained, ResNetV2) and trained.cfg.num_classes == open_dataset(vtab_task).num_classes
     shots = fewshot_on_dataset(trained.eval(), vtab_task, "train800val200", "test", shots=[2], seeds=[0])
     assert len(shots) == 1 and 0 <= shots["accuracy"].iloc[0] <= 1
+
+
+# --------------------------------------------------------------------------------------------------------------
+# The bit-vs-vit preset and the side-by-side report
+
+
+def test_bit_vs_vit_preset_trains_matched_models_on_the_same_data_each_with_its_protocol():
+    from flows import plan
+    from flows.presets import BIT_VS_VIT_MODELS, build_spec
+
+    specs = [build_spec("bit-vs-vit", [f"model.name={name}"]) for name in BIT_VS_VIT_MODELS]
+    assert specs[0] == build_spec("bit-vs-vit")  # the ViT arm is the default
+    assert specs[0].pretrain == specs[1].pretrain and specs[0].transfer == specs[1].transfer
+    flops = [
+        flops_per_image(vit.model_config(n, image_size=32, num_classes=100), training=False) for n in BIT_VS_VIT_MODELS
+    ]
+    assert abs(flops[0] / flops[1] - 1) < 0.05
+    bench = specs[0].transfer.benchmarks[0]
+    vit_cfg, _, _ = plan.finetune_config(specs[0], bench, "file:///d", "file:///i.safetensors", 0.01, 0, True)
+    bit_cfg, _, _ = plan.finetune_config(specs[1], bench, "file:///d", "file:///i.safetensors", 0.003, 0, True)
+    assert (vit_cfg["optim"]["decay"], bit_cfg["optim"]["decay"]) == ("cosine", "step")
+    assert plan.finetune_recipe(specs[1], bench).lrs == (0.003,)
+    pretrain_cfg, _ = plan.pretrain_config(specs[1], "file:///up")
+    assert pretrain_cfg["model"]["name"] == "bit_micro" and pretrain_cfg["model"]["representation_size"] is None
+
+
+def test_paper_numbers_of_bit_l_find_a_bit_r152x4_result():
+    from vit.results import paper_table, results_frame
+
+    row = {"run": "r", "model": "bit_r152x4", "pretrain": "JFT-300M", "benchmark": "cifar10", "split": "test"}
+    table = paper_table(results_frame([{**row, "metric": "top1", "value": 99.0}]))
+    assert table.loc["CIFAR-10"].tolist() == ["99.00", "99.37 ± 0.06 (T2)", "-0.37"]
+
+
+def test_report_of_a_vit_run_and_a_bit_run_puts_them_side_by_side(tmp_path):
+    from mlflow import MlflowClient
+
+    from tasks.reports import rebuild_report
+    from vit.results import results_frame, write_results
+
+    uri = f"sqlite:///{tmp_path / 'mlflow.db'}"
+    client = MlflowClient(uri)
+    experiment = client.create_experiment("bit-vs-vit", artifact_location=str(tmp_path / "mlruns"))
+    run_ids = []
+    for model, value in (("vit_micro_4", 61.0), ("bit_micro", 57.5)):
+        run = client.create_run(experiment, run_name=f"benchmark:{model}").info.run_id
+        rows = [
+            {"run": run, "model": model, "pretrain": "synthetic-upstream", "benchmark": "synth/natural_fine"}
+            | {"split": "test", "metric": "top1", "value": value + seed, "seed": seed}
+            for seed in (0, 1)
+        ]
+        paths = write_results(results_frame(rows), tmp_path / run)
+        client.set_tag(run, "vitflow.results_uri", str(paths["parquet"]))
+        run_ids.append(run)
+    paths = rebuild_report(uri, run_ids, tmp_path / "report")
+    markdown = paths["markdown"].read_text()
+    header = next(line for line in markdown.splitlines() if "ViT-micro/4" in line and "BiT-micro" in line)
+    assert header.index("ViT-micro/4 (synthetic-upstream)") < header.index("BiT-micro (synthetic-upstream)")
+    assert "61.50 ± 0.71" in markdown and "58.00 ± 0.71" in markdown
