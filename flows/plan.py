@@ -41,7 +41,8 @@ def pretrain_config(spec: BenchmarkSpec, dataset_uri: str) -> tuple[dict[str, An
     """The TrainConfig of the pre-training stage, and the key its output folder is addressed by."""
     p = spec.pretrain
     assert p is not None
-    representation = model_config(spec.model.name).hidden_size if p.pre_logits else None
+    with_pre_logits = p.pre_logits and not is_bit(spec.model.name)  # a ResNet has no pre-logits layer
+    representation = model_config(spec.model.name).hidden_size if with_pre_logits else None
     cfg = TrainConfig(
         objective=p.objective,
         loss=p.loss,

@@ -256,7 +256,10 @@ def test_bit_vs_vit_preset_trains_matched_models_on_the_same_data_each_with_its_
     bit_cfg, _, _ = plan.finetune_config(specs[1], bench, "file:///d", "file:///i.safetensors", 0.003, 0, True)
     assert (vit_cfg["optim"]["decay"], bit_cfg["optim"]["decay"]) == ("cosine", "step")
     assert plan.finetune_recipe(specs[1], bench).lrs == (0.003,)
-    pretrain_cfg, _ = plan.pretrain_config(specs[1], "file:///up")
+    with_pre_logits = specs[1].model_copy(
+        update={"pretrain": specs[1].pretrain.model_copy(update={"pre_logits": True})}
+    )
+    pretrain_cfg, _ = plan.pretrain_config(with_pre_logits, "file:///up")
     assert pretrain_cfg["model"]["name"] == "bit_micro" and pretrain_cfg["model"]["representation_size"] is None
 
 

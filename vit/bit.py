@@ -20,6 +20,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from vit.configs import BiTConfig, as_hw, model_config
+from vit.model import VisionTransformer
 
 WS_EPS = 1e-8  # timm's BiT weight-standardisation epsilon (big_transfer: 1e-10); both are exact in float32
 
@@ -105,7 +106,7 @@ class ResNetV2(nn.Module):
             chans = 4 * width
         self.stages = nn.Sequential(*stages)
         self.norm = _gn(chans)
-        self.head = _new_head(cfg.num_classes, chans, cfg.head_bias_init)
+        self.head = VisionTransformer._new_head(cfg.num_classes, chans, cfg.head_bias_init)
         for m in self.modules():
             if isinstance(m, StdConv2d):
                 nn.init.kaiming_normal_(m.weight, mode="fan_out", nonlinearity="relu")
@@ -113,7 +114,9 @@ class ResNetV2(nn.Module):
     def reset_classifier(self, num_classes: int, head_bias_init: float = 0.0) -> None:
         """A new zero-initialised head (BiT's ``zero_head`` for transfer)."""
         device = self.norm.weight.device
-        self.head = _new_head(num_classes, self.cfg.num_features, head_bias_init).to(device, self.norm.weight.dtype)
+        self.head = VisionTransformer._new_head(num_classes, self.cfg.num_features, head_bias_init).to(
+            device, self.norm.weight.dtype
+        )
         self.cfg = replace(self.cfg, num_classes=num_classes, head_bias_init=head_bias_init)
 
     def set_image_size(self, image_size: int | Sequence[int]) -> None:
@@ -130,15 +133,6 @@ class ResNetV2(nn.Module):
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         return self.forward_head(self.forward_features(x))
-
-
-def _new_head(num_classes: int, in_features: int, bias_init: float) -> nn.Module:
-    if num_classes == 0:
-        return nn.Identity()
-    head = nn.Linear(in_features, num_classes)
-    nn.init.zeros_(head.weight)
-    nn.init.constant_(head.bias, bias_init)
-    return head
 
 
 # Options of vit.create_model that only a ViT has, and the values at which a ResNet can ignore them.

@@ -76,16 +76,7 @@ class ViTConfig:
 
     @classmethod
     def from_dict(cls, d: dict) -> ViTConfig:
-        known = {f for f in cls.__dataclass_fields__}
-        unknown = set(d) - known
-        if unknown:
-            raise ValueError(f"unknown ViTConfig fields: {sorted(unknown)}")
-        d = dict(d)
-        if "image_size" in d:
-            d["image_size"] = as_hw(d["image_size"])
-        if "resnet_layers" in d:
-            d["resnet_layers"] = tuple(d["resnet_layers"])
-        return cls(**d)
+        return _from_dict(cls, d, "resnet_layers")
 
 
 def as_hw(size: int | Sequence[int]) -> tuple[int, int]:
@@ -150,15 +141,20 @@ class BiTConfig:
 
     @classmethod
     def from_dict(cls, d: dict) -> BiTConfig:
-        unknown = set(d) - set(cls.__dataclass_fields__)
-        if unknown:
-            raise ValueError(f"unknown BiTConfig fields: {sorted(unknown)}")
-        d = dict(d)
-        if "image_size" in d:
-            d["image_size"] = as_hw(d["image_size"])
-        if "layers" in d:
-            d["layers"] = tuple(d["layers"])
-        return cls(**d)
+        return _from_dict(cls, d, "layers")
+
+
+def _from_dict(cls: type, d: dict, layers_field: str):
+    """A config from its ``to_dict()`` (JSON lists back to tuples), refusing unknown fields."""
+    unknown = set(d) - set(cls.__dataclass_fields__)
+    if unknown:
+        raise ValueError(f"unknown {cls.__name__} fields: {sorted(unknown)}")
+    d = dict(d)
+    if "image_size" in d:
+        d["image_size"] = as_hw(d["image_size"])
+    if layers_field in d:
+        d[layers_field] = tuple(d[layers_field])
+    return cls(**d)
 
 
 ArchConfig = ViTConfig | BiTConfig

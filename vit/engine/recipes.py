@@ -15,6 +15,7 @@ from __future__ import annotations
 
 from collections.abc import Mapping
 from dataclasses import dataclass, replace
+from typing import Any
 
 from vit.configs import model_config
 from vit.engine.config import CheckpointConfig, DataConfig, ModelConfig, OptimConfig, TrainConfig
@@ -201,17 +202,9 @@ class BiTFinetuneRecipe(FinetuneRecipe):
     mixup_alpha: float = 0.0
     decay_at: tuple[float, float, float] = (0.3, 0.6, 0.9)
 
-    def train_config(
-        self,
-        init: str,
-        dataset_uri: str,
-        lr: float,
-        train_split: str,
-        eval_split: str | None,
-        checkpoint_dir: str | None,
-        **overrides,
-    ) -> TrainConfig:
-        cfg = super().train_config(init, dataset_uri, lr, train_split, eval_split, checkpoint_dir)
+    def train_config(self, *args: Any, **overrides: Any) -> TrainConfig:
+        """As :meth:`FinetuneRecipe.train_config` (same positional arguments), trained the BiT way."""
+        cfg = super().train_config(*args)
         optim = replace(cfg.optim, decay="step", step_decay_at=self.decay_at, grad_clip=None)
         return replace(replace(cfg, optim=optim, mixup_alpha=self.mixup_alpha), **overrides)
 
