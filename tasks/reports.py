@@ -46,19 +46,22 @@ def rebuild_report(tracking_uri: str, run_ids: str | Sequence[str], output: Path
         outputs = [_run_outputs(tracking_uri, run_id, Path(tmp)) for run_id in ids]
     runs = [run for run, _, _ in outputs]
     several = len(outputs) > 1
+    models = [str(res["model"].iloc[0]) if several and len(res) else "" for _, res, _ in outputs]
     plots = {
-        (f"{results['model'].iloc[0]} {name}" if several and len(results) else name): png
-        for _, results, run_plots in outputs
+        f"{model} {name}".strip(): png
+        for model, (_, _, run_plots) in zip(models, outputs, strict=True)
         for name, png in run_plots.items()
     }
-    first = runs[0]
     meta = {
         "MLflow run": ", ".join(ids),
         "experiment": ", ".join(dict.fromkeys(r.info.experiment_id for r in runs)),
         "artifacts": ", ".join(r.data.tags["vitflow.results_uri"].rsplit("/", 1)[0] for r in runs),
-        **{k.removeprefix("vitflow."): v for k, v in first.data.tags.items() if k in _META_TAGS},
+        **{k.removeprefix("vitflow."): v for k, v in runs[0].data.tags.items() if k in _META_TAGS},
     }
-    names = " vs ".join(r.data.tags.get("mlflow.runName", r.info.run_id) for r in runs)
+    names = " vs ".join(
+        r.data.tags.get("mlflow.runName", r.info.run_id) + (f" ({model})" if model else "")
+        for r, model in zip(runs, models, strict=True)
+    )
     results = pd.concat([results for _, results, _ in outputs], ignore_index=True)
     paths = write_report(output, results, plots, title=f"vitflow — {names}", meta=meta)
     return {"markdown": paths["markdown"], "html": paths["html"]}
