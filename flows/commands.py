@@ -304,7 +304,7 @@ def _dotted(overrides: list[str]) -> dict[str, object]:
 
 def report(
     run_ids: Annotated[
-        list[str], typer.Argument(help="MLflow run id(s) of benchmark or transfer-eval flow runs.", show_default=False)
+        list[str], typer.Argument(help="MLflow run id(s) of benchmark or transfer-eval flow runs.", metavar="RUN_ID")
     ],
     output: Annotated[Path, typer.Option(help="Folder to write report.md, report.html and plots/ into.")] = Path(
         "report"
