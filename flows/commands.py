@@ -182,7 +182,9 @@ def finetune(
     protocol: Annotated[str, typer.Option(help="Table 4 row: imagenet, cifar10, cifar100, pets, flowers102, vtab")],
     output: Annotated[str, typer.Option(help="Where checkpoints and the final model go (path or s3://).")],
     sweep: Annotated[bool, typer.Option(help="Sweep the protocol's learning rates on the held-out split.")] = True,
-    image_size: Annotated[int | None, typer.Option(help="Resolution (default: the protocol's, 384 px).")] = None,
+    image_size: Annotated[
+        int | None, typer.Option(help="Resolution (default: the protocol's, 384 px for ViTs).")
+    ] = None,
     overrides: SetOption = None,
 ) -> None:
     """Fine-tune a checkpoint on a prepared dataset with the paper's protocol, without Prefect.
@@ -191,16 +193,19 @@ def finetune(
     Table 4's steps and learning rates. With `--sweep` each learning rate trains on the held-out protocol split
     (minival, or VTAB's train800 -> val200), the best retrains on the full training split and the test split is
     reported. `--set` overrides TrainConfig fields (e.g. `--set steps=100 --set batch_size=64` on a CPU).
+    A BiT checkpoint is fine-tuned with the BiT-HyperRule instead: lr 0.003, steps and resolution by dataset size,
+    step decay, MixUp for larger sets.
     """
     from dataclasses import replace
 
+    from vit.checkpoints import read_any
+    from vit.configs import BiTConfig
     from vit.engine.protocol import finetune_with_sweep
-    from vit.engine.recipes import TABLE4
+    from vit.engine.recipes import default_finetune_recipe
 
-    if protocol not in TABLE4:
-        raise _fail(f"unknown protocol {protocol!r}; one of {', '.join(TABLE4)}", EXIT_BAD_INPUT)
-    recipe = TABLE4[protocol] if image_size is None else replace(TABLE4[protocol], image_size=image_size)
     try:
+        recipe = default_finetune_recipe(protocol, bit=isinstance(read_any(init)[1], BiTConfig))
+        recipe = recipe if image_size is None else replace(recipe, image_size=image_size)
         extra = _train_overrides(overrides)
         result = finetune_with_sweep(recipe, init, dataset, output, sweep=sweep, **extra)
     except (ValueError, OSError) as e:
@@ -310,17 +315,23 @@ def _dotted(overrides: list[str]) -> dict[str, object]:
 
 
 def report(
-    run_id: Annotated[str, typer.Argument(help="The MLflow run id of a benchmark or transfer-eval flow run.")],
+    run_ids: Annotated[
+        list[str], typer.Argument(help="MLflow run id(s) of benchmark or transfer-eval flow runs.", metavar="RUN_ID")
+    ],
     output: Annotated[Path, typer.Option(help="Folder to write report.md, report.html and plots/ into.")] = Path(
         "report"
     ),
 ) -> None:
-    """Rebuild the report of a past run from MLflow (its tags) and the artifact store (its results and plots)."""
+    """Rebuild the report of a past run from MLflow (its tags) and the artifact store (its results and plots).
+
+    Several runs make one report of their merged results, a column per model: `vitflow report RUN_VIT RUN_BIT`
+    after the two runs of the `bit-vs-vit` preset shows the ViT and the BiT side by side as the paper's Table 2.
+    """
     from tasks.reports import rebuild_report
     from tasks.settings import default_tracking_uri
 
     try:
-        paths = rebuild_report(default_tracking_uri(), run_id, output)
+        paths = rebuild_report(default_tracking_uri(), run_ids, output)
     except ValueError as e:
         raise _fail(str(e), EXIT_BAD_INPUT) from None
     typer.echo(f"report: {paths['html']}\nmarkdown: {paths['markdown']}")

@@ -6,9 +6,9 @@ from dataclasses import replace
 from typing import Any
 
 from flows.specs import BenchmarkItem, BenchmarkSpec
-from vit.configs import model_config
+from vit.configs import is_bit, model_config
 from vit.engine.config import CheckpointConfig, DataConfig, ModelConfig, OptimConfig, TrainConfig
-from vit.engine.recipes import TABLE4, FinetuneRecipe
+from vit.engine.recipes import FinetuneRecipe, default_finetune_recipe
 
 # Few-shot train/test splits per protocol (big_vision uses the official train/test splits; VTAB its 1k split).
 FEWSHOT_SPLITS = {"imagenet": ("train", "val"), "vtab": ("train800val200", "test")}
@@ -41,7 +41,8 @@ def pretrain_config(spec: BenchmarkSpec, dataset_uri: str) -> tuple[dict[str, An
     """The TrainConfig of the pre-training stage, and the key its output folder is addressed by."""
     p = spec.pretrain
     assert p is not None
-    representation = model_config(spec.model.name).hidden_size if p.pre_logits else None
+    with_pre_logits = p.pre_logits and not is_bit(spec.model.name)  # a ResNet has no pre-logits layer
+    representation = model_config(spec.model.name).hidden_size if with_pre_logits else None
     cfg = TrainConfig(
         objective=p.objective,
         loss=p.loss,
@@ -87,9 +88,10 @@ def pretrain_config(spec: BenchmarkSpec, dataset_uri: str) -> tuple[dict[str, An
 
 
 def finetune_recipe(spec: BenchmarkSpec, bench: BenchmarkItem) -> FinetuneRecipe:
-    """Table 4's row for the benchmark's protocol, with the spec's overrides applied."""
+    """Table 4's row for the benchmark's protocol (the BiT-HyperRule for BiT models), with the spec's overrides."""
     f = spec.transfer.finetune
-    recipe = replace(TABLE4[bench.protocol], image_size=f.image_size, batch_size=f.batch_size, polyak=f.polyak)
+    base = default_finetune_recipe(bench.protocol, bit=is_bit(spec.model.name))
+    recipe = replace(base, image_size=f.image_size, batch_size=f.batch_size, polyak=f.polyak)
     if f.steps is not None:
         recipe = replace(recipe, steps=f.steps)
     if f.lrs is not None:

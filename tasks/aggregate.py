@@ -27,6 +27,7 @@ from tasks.common import (
     write_done,
 )
 from vit import storage
+from vit.configs import is_bit
 
 SCRATCH = "scratch"
 
@@ -193,7 +194,7 @@ def make_plots(
         )
         plots["few-shot accuracy"] = analysis.plot_fewshot(few[["dataset", "variant", "shots", "seed", "accuracy"]])
     first = spec["transfer"]["benchmarks"][0] if spec["transfer"]["benchmarks"] else None
-    if spec["analysis"]["enabled"] and first is not None:
+    if spec["analysis"]["enabled"] and first is not None and not is_bit(spec["model"]["name"]):  # ViT figures
         size = spec["pretrain"]["image_size"] if spec["pretrain"] else spec["transfer"]["finetune"]["image_size"]
         if model_uri:
             split = "test" if "test" in datasets[first["dataset"]["name"]]["splits"] else "val"

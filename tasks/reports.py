@@ -1,17 +1,22 @@
-"""Rebuild the report of a past flow run from MLflow (its tags) and the artifact store (results and plots)."""
+"""Rebuild the report of past flow runs from MLflow (their tags) and the artifact store (results and plots)."""
 
 from __future__ import annotations
 
 import tempfile
+from collections.abc import Sequence
 from pathlib import Path
 
+import pandas as pd
 from mlflow import MlflowClient
+from mlflow.entities import Run
 
 from vit import storage
 
+_META_TAGS = ("vitflow.spec_hash", "vitflow.git_commit", "vitflow.preset", "vitflow.model_ref")
 
-def rebuild_report(tracking_uri: str, run_id: str, output: Path) -> dict[str, Path]:
-    from vit.report import write_report
+
+def _run_outputs(tracking_uri: str, run_id: str, tmp: Path) -> tuple[Run, pd.DataFrame, dict[str, bytes]]:
+    """(MLflow run, results table, plots by name) of one finished flow run."""
     from vit.results import read_results
 
     try:
@@ -22,24 +27,41 @@ def rebuild_report(tracking_uri: str, run_id: str, output: Path) -> dict[str, Pa
     if not results_uri:
         raise ValueError(f"run {run_id} has no results (tag vitflow.results_uri): not a finished vitflow flow run")
     folder = results_uri.rsplit("/", 1)[0]
-    with tempfile.TemporaryDirectory() as tmp:
-        results = read_results(storage.download(results_uri, Path(tmp) / "results.parquet"))
-        plots = {
-            Path(uri).stem.replace("_", " "): storage.read_bytes(uri)
-            for uri in storage.list_files(storage.join(folder, "plots"))
-            if uri.endswith(".png")
-        }
-    meta = {
-        "MLflow run": run_id,
-        "experiment": run.info.experiment_id,
-        "artifacts": folder,
-        **{
-            k.removeprefix("vitflow."): v
-            for k, v in run.data.tags.items()
-            if k in ("vitflow.spec_hash", "vitflow.git_commit", "vitflow.preset", "vitflow.model_ref")
-        },
+    results = read_results(storage.download(results_uri, tmp / f"{run_id}.parquet"))
+    plots = {
+        Path(uri).stem.replace("_", " "): storage.read_bytes(uri)
+        for uri in storage.list_files(storage.join(folder, "plots"))
+        if uri.endswith(".png")
     }
-    paths = write_report(
-        output, results, plots, title=f"vitflow — {run.data.tags.get('mlflow.runName', run_id)}", meta=meta
+    return run, results, plots
+
+
+def rebuild_report(tracking_uri: str, run_ids: str | Sequence[str], output: Path) -> dict[str, Path]:
+    """The report of one run, or of several runs merged (e.g. the ViT and the BiT runs of the ``bit-vs-vit``
+    preset): their results form one table, so the paper-style tables show each model as a column of its own."""
+    from vit.report import write_report
+
+    ids = [run_ids] if isinstance(run_ids, str) else list(run_ids)
+    with tempfile.TemporaryDirectory() as tmp:
+        outputs = [_run_outputs(tracking_uri, run_id, Path(tmp)) for run_id in ids]
+    runs = [run for run, _, _ in outputs]
+    several = len(outputs) > 1
+    models = [str(res["model"].iloc[0]) if several and len(res) else "" for _, res, _ in outputs]
+    plots = {
+        f"{model} {name}".strip(): png
+        for model, (_, _, run_plots) in zip(models, outputs, strict=True)
+        for name, png in run_plots.items()
+    }
+    meta = {
+        "MLflow run": ", ".join(ids),
+        "experiment": ", ".join(dict.fromkeys(r.info.experiment_id for r in runs)),
+        "artifacts": ", ".join(r.data.tags["vitflow.results_uri"].rsplit("/", 1)[0] for r in runs),
+        **{k.removeprefix("vitflow."): v for k, v in runs[0].data.tags.items() if k in _META_TAGS},
+    }
+    names = " vs ".join(
+        r.data.tags.get("mlflow.runName", r.info.run_id) + (f" ({model})" if model else "")
+        for r, model in zip(runs, models, strict=True)
     )
+    results = pd.concat([results for _, results, _ in outputs], ignore_index=True)
+    paths = write_report(output, results, plots, title=f"vitflow — {names}", meta=meta)
     return {"markdown": paths["markdown"], "html": paths["html"]}

@@ -10,18 +10,22 @@ import importlib
 from typing import TYPE_CHECKING, Any
 
 if TYPE_CHECKING:
+    from vit.bit import ResNetV2
     from vit.checkpoints import load_pretrained
-    from vit.configs import ViTConfig, list_models, model_config, resolve_model_name
+    from vit.configs import BiTConfig, ViTConfig, list_models, model_config, resolve_model_name
     from vit.model import VisionTransformer, count_parameters, create_model
 
 __version__ = "0.1.0"
 
 _EXPORTS = {
     "load_pretrained": "vit.checkpoints",
-    **dict.fromkeys(["ViTConfig", "list_models", "model_config", "resolve_model_name"], "vit.configs"),
+    "ResNetV2": "vit.bit",
+    **dict.fromkeys(["BiTConfig", "ViTConfig", "list_models", "model_config", "resolve_model_name"], "vit.configs"),
     **dict.fromkeys(["VisionTransformer", "count_parameters", "create_model"], "vit.model"),
 }
 __all__ = [
+    "BiTConfig",
+    "ResNetV2",
     "ViTConfig",
     "VisionTransformer",
     "count_parameters",

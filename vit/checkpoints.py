@@ -22,7 +22,8 @@ import torch
 from torch import nn
 
 from vit import storage
-from vit.configs import ViTConfig, model_config
+from vit.bit import ResNetV2, bit_options
+from vit.configs import BiTConfig, ViTConfig, config_from_dict, is_bit, model_config
 from vit.model import VisionTransformer
 
 StateDict = dict[str, torch.Tensor]
@@ -199,6 +200,8 @@ def load_npz(path_or_uri: str | os.PathLike) -> StateDict:
 
 
 def _npz_state_dict(arrays: dict[str, np.ndarray], source: str | os.PathLike) -> StateDict:
+    if is_bit_npz(arrays):
+        return convert_bit_npz(arrays)
     try:
         return _convert_npz(arrays)
     except KeyError as e:
@@ -292,8 +295,11 @@ _TIMM_KEY = re.compile(
 
 
 def convert_timm(state_dict: Mapping[str, torch.Tensor]) -> StateDict:
-    """A timm ``VisionTransformer`` state dict (token or gap pooling, no fc_norm) in vit's naming."""
+    """A timm ``VisionTransformer`` (token or gap pooling, no fc_norm) or BiT ``ResNetV2`` state dict in vit's
+    naming."""
     sd = _state_dict(state_dict)
+    if is_bit_state_dict(sd):
+        return convert_timm_bit(sd)
     unknown = sorted(k for k in sd if not _TIMM_KEY.match(k))
     if unknown:
         raise CheckpointError(
@@ -407,9 +413,99 @@ def to_vit_naming(state_dict: Mapping[str, torch.Tensor]) -> StateDict:
     sd = _state_dict(state_dict)
     if "class_token" in sd or "encoder.pos_embedding" in sd:
         return convert_torchvision(sd)
+    if is_bit_state_dict(sd):
+        return convert_timm_bit(sd)
     if "model" in sd and not torch.is_tensor(sd["model"]):
         raise CheckpointError("a training checkpoint with a nested 'model' dict: pass its model state dict")
     return sd
+
+
+# --------------------------------------------------------------------------------------------------------------
+# BiT: big_transfer's .npz files and timm's ResNetV2 state dicts (vit.bit naming is timm's, head a nn.Linear)
+
+_BIT_UNIT = (("a", "conv1", "norm1"), ("b", "conv2", "norm2"), ("c", "conv3", "norm3"))
+_BIT_KEY = re.compile(
+    r"^(stem\.conv\.weight|norm\.(weight|bias)|head\.(fc\.)?(weight|bias)"
+    r"|stages\.\d+\.blocks\.\d+\.(downsample\.conv\.weight|conv[123]\.weight|norm[123]\.(weight|bias)))$"
+)
+
+
+def is_bit_npz(arrays: Mapping[str, np.ndarray]) -> bool:
+    return any(k.startswith("resnet/") for k in arrays)
+
+
+def is_bit_state_dict(sd: Mapping[str, Any]) -> bool:
+    return "stem.conv.weight" in sd
+
+
+def convert_bit_npz(arrays: Mapping[str, np.ndarray]) -> StateDict:
+    """An official BiT ``.npz`` (google-research/big_transfer: ``resnet/root_block``, ``resnet/block{b}/unit{NN}/
+    {a,b,c}/{standardized_conv2d,group_norm}``, ``a/proj`` shortcuts, ``resnet/group_norm``, ``resnet/head/conv2d``)
+    in vit.bit naming; every key must be used."""
+    left = dict(arrays)
+    try:
+        sd: StateDict = {"stem.conv.weight": _conv(left.pop("resnet/root_block/standardized_conv2d/kernel"))}
+        sd["norm.weight"] = _t(left.pop("resnet/group_norm/gamma").reshape(-1))
+        sd["norm.bias"] = _t(left.pop("resnet/group_norm/beta").reshape(-1))
+        if "resnet/head/conv2d/kernel" in left:
+            sd["head.weight"] = _t(left.pop("resnet/head/conv2d/kernel")[0, 0].T)
+            sd["head.bias"] = _t(left.pop("resnet/head/conv2d/bias"))
+        units = {m.group(0) for k in arrays if (m := re.match(r"resnet/block\d+/unit\d+", k))}
+        for src in sorted(units):
+            b, u = map(int, re.findall(r"\d+", src))
+            dst = f"stages.{b - 1}.blocks.{u - 1}"
+            for part, conv, norm in _BIT_UNIT:
+                sd[f"{dst}.{conv}.weight"] = _conv(left.pop(f"{src}/{part}/standardized_conv2d/kernel"))
+                sd[f"{dst}.{norm}.weight"] = _t(left.pop(f"{src}/{part}/group_norm/gamma").reshape(-1))
+                sd[f"{dst}.{norm}.bias"] = _t(left.pop(f"{src}/{part}/group_norm/beta").reshape(-1))
+            if f"{src}/a/proj/standardized_conv2d/kernel" in left:
+                sd[f"{dst}.downsample.conv.weight"] = _conv(left.pop(f"{src}/a/proj/standardized_conv2d/kernel"))
+    except KeyError as e:
+        raise CheckpointError(f"missing key {e} for the official BiT layout") from None
+    if left:
+        raise CheckpointError(f"unknown keys in BiT .npz (unsupported layout?): {sorted(left)[:10]}")
+    return sd
+
+
+def convert_timm_bit(state_dict: Mapping[str, torch.Tensor]) -> StateDict:
+    """A timm BiT ``ResNetV2`` (``resnetv2_*_bit``) state dict in vit.bit naming: its 1x1-conv head as a linear."""
+    sd = _state_dict(state_dict)
+    unknown = sorted(k for k in sd if not _BIT_KEY.match(k))
+    if unknown:
+        raise CheckpointError(f"timm ResNetV2 keys BiT does not have (stem norm, deep stem, ...): {unknown[:10]}")
+    if "head.fc.weight" in sd:
+        sd["head.weight"] = sd.pop("head.fc.weight").flatten(1)
+        sd["head.bias"] = sd.pop("head.fc.bias")
+    return sd
+
+
+def infer_bit_config(sd: Mapping[str, torch.Tensor]) -> BiTConfig:
+    """The BiTConfig of a state dict in vit.bit naming; the resolution is not in the weights (224 assumed)."""
+    depths: dict[int, set[int]] = {}
+    for k in sd:
+        if m := re.match(r"stages\.(\d+)\.blocks\.(\d+)\.", k):
+            depths.setdefault(int(m.group(1)), set()).add(int(m.group(2)))
+    root, in_chans = sd["stem.conv.weight"].shape[:2]
+    base, factor = (64, root // 64) if root % 64 == 0 else (root, 1)
+    head = sd.get("head.weight")
+    layers = tuple(len(depths[s]) for s in sorted(depths))
+    return BiTConfig(layers, factor, 0 if head is None else head.shape[0], in_chans=in_chans, base_width=base)
+
+
+def _read_bit(sd: StateDict, meta: dict[str, Any], source: str) -> tuple[StateDict, BiTConfig, dict[str, Any]]:
+    """A BiT weights file: timm naming converted, a recorded config checked against the tensors' shapes."""
+    sd = convert_timm_bit(sd)
+    inferred = infer_bit_config(sd)
+    if "config" not in meta:
+        return sd, inferred, {**meta, "format": "torch"}
+    recorded = config_from_dict(meta["config"])
+
+    def shape(c: BiTConfig) -> tuple:
+        return c.layers, c.num_classes, c.in_chans, c.num_features
+
+    if not isinstance(recorded, BiTConfig) or shape(recorded) != shape(inferred):
+        raise CheckpointError(f"{source}: the recorded model config does not match the BiT tensors")
+    return sd, recorded, meta
 
 
 # --------------------------------------------------------------------------------------------------------------
@@ -464,7 +560,7 @@ def _registered(**shape: Any) -> ViTConfig | None:
     """The first registered variant whose config has these field values."""
     from vit.configs import list_models
 
-    for name in list_models():
+    for name in (n for n in list_models() if not is_bit(n)):
         c = model_config(name)
         if all(getattr(c, k) == v for k, v in shape.items()):
             return c
@@ -527,7 +623,7 @@ def save_checkpoint(
     from safetensors.torch import save
 
     meta = dict(metadata or {})
-    if isinstance(model, VisionTransformer):
+    if isinstance(model, VisionTransformer | ResNetV2):
         meta.setdefault("config", model.cfg.to_dict())
     tensors = {k: v.detach().contiguous().cpu() for k, v in _state_dict(model).items()}
     storage.write_bytes(str(uri), save(tensors, metadata={METADATA_KEY: json.dumps(meta)}))
@@ -567,15 +663,19 @@ def load_checkpoint(uri: str | os.PathLike) -> tuple[StateDict, dict[str, Any]]:
 # One entry point for any supported file
 
 
-def read_any(path_or_uri: str | os.PathLike) -> tuple[StateDict, ViTConfig, dict[str, Any]]:
+def read_any(path_or_uri: str | os.PathLike) -> tuple[StateDict, ViTConfig | BiTConfig, dict[str, Any]]:
     """State dict (vit naming), inferred or recorded config, and metadata of any supported checkpoint file."""
     source = str(path_or_uri)
     storage.validate_uri(source)
     if Path(source.split("?")[0]).suffix.lower() == ".npz":
         arrays = _read_npz(source)  # once: the state dict and the head count both come from it
         sd = _npz_state_dict(arrays, source)
+        if is_bit_state_dict(sd):
+            return sd, infer_bit_config(sd), {"format": "npz"}
         return sd, infer_config(sd, _npz_heads(arrays)), {"format": "npz"}
     sd, meta = load_checkpoint(source)
+    if is_bit_state_dict(sd):
+        return _read_bit(sd, meta, source)
     if "config" in meta:
         cfg = ViTConfig.from_dict(meta["config"])
         _check_recorded_config(cfg, infer_config(sd, cfg.num_heads), source)
@@ -604,7 +704,7 @@ def load_pretrained(
     num_classes: int | None = None,
     image_size: int | tuple[int, int] | None = None,
     **create_model_overrides: Any,
-) -> VisionTransformer:
+) -> VisionTransformer | ResNetV2:
     """Build the right model from any supported file (architecture inferred from the file) and load it strictly.
 
     ``num_classes`` drops the pre-logits layer and attaches a zero-initialised head (paper §3.2); ``image_size``
@@ -615,11 +715,13 @@ def load_pretrained(
     or ``https://`` (downloaded once to the cache).
     """
     sd, cfg, _ = read_any(path_or_uri)
-    if create_model_overrides.get("dropout") is None and (rate := official_dropout(cfg)) is not None:
+    if isinstance(cfg, BiTConfig):
+        create_model_overrides = bit_options(create_model_overrides)
+    elif create_model_overrides.get("dropout") is None and (rate := official_dropout(cfg)) is not None:
         create_model_overrides = {**create_model_overrides, "dropout": rate}
     if create_model_overrides:
-        cfg = ViTConfig.from_dict({**cfg.to_dict(), **create_model_overrides})
-    model = VisionTransformer(cfg)
+        cfg = config_from_dict({**cfg.to_dict(), **create_model_overrides})
+    model = ResNetV2(cfg) if isinstance(cfg, BiTConfig) else VisionTransformer(cfg)
     load_state_dict_strict(model, sd, str(path_or_uri))
     if num_classes is not None:
         model.reset_classifier(num_classes)

@@ -14,13 +14,17 @@ from __future__ import annotations
 import math
 from collections.abc import Sequence
 from dataclasses import replace
+from typing import TYPE_CHECKING
 
 import torch
 import torch.nn.functional as F
 from torch import nn
 from torch.utils.checkpoint import checkpoint
 
-from vit.configs import GeluApproximate, ViTConfig, as_hw, model_config, token_grid
+if TYPE_CHECKING:
+    from vit.bit import ResNetV2
+
+from vit.configs import BiTConfig, GeluApproximate, ViTConfig, as_hw, is_bit, model_config, token_grid
 
 # --------------------------------------------------------------------------------------------------------------
 # Official initialisers (Flax defaults), see paper-facts §2.3.
@@ -300,10 +304,14 @@ def create_model(
     dropout: float | None = None,
     gelu_approximate: GeluApproximate = "tanh",
     **overrides,
-) -> VisionTransformer:
+) -> VisionTransformer | ResNetV2:
     """Build a registered variant. ``dropout=None`` keeps the variant's official default."""
     if dropout is not None:
         overrides["dropout"] = dropout
+    if is_bit(name):
+        from vit.bit import create_bit
+
+        return create_bit(name, num_classes, image_size, representation_size=representation_size, **overrides)
     cfg = model_config(
         name,
         num_classes=num_classes,
@@ -326,6 +334,10 @@ def flops_per_image(cfg: ViTConfig, training: bool = True) -> float:
     Training counts forward + backward as 3x forward (the convention MFU uses). The hybrid ResNet stem is
     included approximately through its convolutions.
     """
+    if isinstance(cfg, BiTConfig):
+        from vit.bit import bit_flops_per_image
+
+        return bit_flops_per_image(cfg, training)
     gh, gw = cfg.grid_size
     n = gh * gw + (1 if cfg.pooling == "token" else 0)
     d, m = cfg.hidden_size, cfg.mlp_dim

@@ -15,7 +15,7 @@ from typing import Any, Literal, get_args, get_origin, get_type_hints
 Objective = Literal["classification", "mpp"]
 Loss = Literal["sigmoid", "softmax"]
 OptimizerName = Literal["adam", "sgd"]
-Decay = Literal["linear", "cosine"]
+Decay = Literal["linear", "cosine", "step"]
 WeightDecayMode = Literal["lr_relative", "schedule_only"]
 Precision = Literal["fp32", "bf16", "fp16"]
 
@@ -64,6 +64,7 @@ class OptimConfig:
     warmup_steps: int = 0
     decay: Decay = "linear"
     linear_end: float = 1e-5
+    step_decay_at: tuple[float, float, float] = (0.3, 0.6, 0.9)  # decay "step": x0.1 at these fractions (BiT)
 
 
 @dataclass
@@ -80,6 +81,7 @@ class TrainConfig:
     objective: Objective = "classification"
     loss: Loss = "softmax"
     label_smoothing: float = 0.0
+    mixup_alpha: float = 0.0  # MixUp (BiT-HyperRule: 0.1): one Beta(alpha, alpha) mix per batch; 0 = off
     model: ModelConfig = field(default_factory=ModelConfig)
     data: DataConfig = field(default_factory=DataConfig)
     optim: OptimConfig = field(default_factory=OptimConfig)
@@ -125,6 +127,8 @@ class TrainConfig:
             errors.append("data.dataset is required (a prepared dataset URI)")
         if self.polyak is not None and not 0.0 < self.polyak < 1.0:
             errors.append(f"polyak must be in (0, 1), got {self.polyak}")
+        if self.mixup_alpha < 0:
+            errors.append(f"mixup_alpha must be >= 0, got {self.mixup_alpha}")
         if not 0.0 <= self.label_smoothing < 1.0:
             errors.append(f"label_smoothing must be in [0, 1), got {self.label_smoothing}")
         if self.objective == "mpp" and self.loss != "softmax":

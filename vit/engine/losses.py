@@ -25,3 +25,22 @@ def classification_loss(kind: str, logits: torch.Tensor, labels: torch.Tensor, l
     if kind == "softmax":
         return softmax_xent(logits, labels, label_smoothing)
     raise ValueError(f"unknown loss {kind!r}")
+
+
+def mixup(images: torch.Tensor, labels: torch.Tensor, alpha: float) -> tuple[torch.Tensor, torch.Tensor, float]:
+    """MixUp as BiT fine-tunes: one ``lam ~ Beta(alpha, alpha)`` per batch, every image blended with a random other
+    image of the batch. Returns the mixed images, the partners' labels and ``lam`` (torch's generator, which the
+    trainer checkpoints, draws both)."""
+    lam = float(torch.distributions.Beta(alpha, alpha).sample())
+    order = torch.randperm(images.shape[0], device=images.device)
+    return images.lerp(images[order], 1.0 - lam), labels[order], lam
+
+
+def mixup_loss(
+    kind: str, module: torch.nn.Module, images: torch.Tensor, labels: torch.Tensor, alpha: float, smoothing: float
+) -> torch.Tensor:
+    """The classification loss of a MixUp batch: ``lam · loss(own labels) + (1 - lam) · loss(partners' labels)``."""
+    mixed, partners, lam = mixup(images, labels, alpha)
+    logits = module(mixed)
+    own = classification_loss(kind, logits, labels, smoothing)
+    return lam * own + (1.0 - lam) * classification_loss(kind, logits, partners, smoothing)

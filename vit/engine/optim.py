@@ -13,6 +13,7 @@ weight decay. Both clip the global gradient norm at 1 (done by the trainer).
 from __future__ import annotations
 
 import math
+from collections.abc import Sequence
 
 import torch
 from torch import nn
@@ -20,16 +21,27 @@ from torch import nn
 from vit.engine.config import OptimConfig
 
 
-def lr_at(step: int, base_lr: float, total_steps: int, warmup_steps: int, decay: str, linear_end: float) -> float:
+def lr_at(
+    step: int,
+    base_lr: float,
+    total_steps: int,
+    warmup_steps: int,
+    decay: str,
+    linear_end: float,
+    step_decay_at: Sequence[float] = (0.3, 0.6, 0.9),
+) -> float:
     """The official schedule (vit_jax utils.create_learning_rate_schedule) at ``step``, the number of updates made
     before this one: optax evaluates a schedule at its update count, so the first update uses step 0 (lr 0 when
     there is warmup).
 
     ``progress = clip((step - warmup) / (total - warmup), 0, 1)``; cosine: ``base · ½(1 + cos(π·progress))``;
-    linear: ``end + (base - end)(1 - progress)``; then multiplied by ``min(1, step / warmup)``.
+    linear: ``end + (base - end)(1 - progress)``; step (BiT-HyperRule): ``base / 10`` per fraction of
+    ``step_decay_at`` that ``step / total`` is past; then multiplied by ``min(1, step / warmup)``.
     """
     progress = min(max((step - warmup_steps) / max(total_steps - warmup_steps, 1), 0.0), 1.0)
-    if decay == "cosine":
+    if decay == "step":
+        lr = base_lr * 0.1 ** sum(step > f * total_steps for f in step_decay_at)
+    elif decay == "cosine":
         lr = base_lr * 0.5 * (1.0 + math.cos(math.pi * progress))
     elif decay == "linear":
         lr = linear_end + (base_lr - linear_end) * (1.0 - progress)

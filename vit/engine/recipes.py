@@ -13,6 +13,7 @@ from __future__ import annotations
 
 from collections.abc import Mapping
 from dataclasses import dataclass, replace
+from typing import Any
 
 from vit.engine.config import CheckpointConfig, DataConfig, ModelConfig, OptimConfig, TrainConfig
 
@@ -94,3 +95,68 @@ def select_best_lr(val_top1: Mapping[float, float]) -> float:
     if not val_top1:
         raise ValueError("no sweep results to select from")
     return max(sorted(val_top1), key=lambda lr: val_top1[lr])
+
+
+# --------------------------------------------------------------------------------------------------------------
+# BiT-HyperRule: the fine-tuning protocol of the paper's ResNet baselines (Kolesnikov et al., "Big Transfer",
+# ECCV 2020 §3.3, and big_transfer's bit_hyperrule.py). SGD momentum 0.9 at lr 0.003, batch 512, no weight decay;
+# steps by training-set size (<20k: 500, <500k: 10k, else 20k) with linear warmup, then the learning rate divided
+# by 10 at three points (the code's supports: 200/300/400 of 500 steps after 100 warmup; 30/60/90% with 500 warmup
+# for the long schedules); resolution by image area (< 96x96 px: 160 -> 128 crop, else 448 -> 384, the paper's
+# numbers; the released code uses 512 -> 480); MixUp alpha 0.1 except for < 20k examples. The crop is vitflow's
+# ``finetune`` transform (shorter side to 7/6 of the crop), not BiT's square resize.
+
+BIT_SMALL_AREA = 96 * 96
+
+
+@dataclass(frozen=True)
+class BiTFinetuneRecipe(FinetuneRecipe):
+    """A :class:`FinetuneRecipe` trained the BiT way: step decay at ``decay_at`` (fractions of all steps), MixUp."""
+
+    mixup_alpha: float = 0.0
+    decay_at: tuple[float, float, float] = (0.3, 0.6, 0.9)
+
+    def train_config(self, *args: Any, **overrides: Any) -> TrainConfig:
+        """As :meth:`FinetuneRecipe.train_config` (same positional arguments), trained the BiT way."""
+        cfg = super().train_config(*args)
+        optim = replace(cfg.optim, decay="step", step_decay_at=self.decay_at, grad_clip=None)
+        return replace(replace(cfg, optim=optim, mixup_alpha=self.mixup_alpha), **overrides)
+
+
+def bit_hyperrule(train_count: int, image_hw: tuple[int, int], lr: float = 0.003, **fields) -> BiTFinetuneRecipe:
+    """The BiT-HyperRule for a training set of ``train_count`` images of ``image_hw`` pixels."""
+    if train_count < 20_000:
+        steps, warmup, decay_at = 500, 100, (0.4, 0.6, 0.8)
+    else:
+        steps, warmup, decay_at = (10_000 if train_count < 500_000 else 20_000), 500, (0.3, 0.6, 0.9)
+    crop = 128 if image_hw[0] * image_hw[1] < BIT_SMALL_AREA else 384
+    mixup = 0.0 if train_count < 20_000 else 0.1
+    return BiTFinetuneRecipe(steps, (lr,), warmup, image_size=crop, mixup_alpha=mixup, decay_at=decay_at, **fields)
+
+
+# The HyperRule per protocol of TABLE4, from each benchmark's training-set size and typical image size
+# (VTAB-1k: 1000 examples; its images are resized to 384 as in the ViT paper's VTAB protocol, App. B.1.1).
+BIT_HYPERRULE: dict[str, BiTFinetuneRecipe] = {
+    "imagenet": bit_hyperrule(1_281_167, (224, 224), final_train="train", test="val"),
+    "cifar10": bit_hyperrule(50_000, (32, 32)),
+    "cifar100": bit_hyperrule(50_000, (32, 32)),
+    "pets": bit_hyperrule(3_680, (224, 224)),
+    "flowers102": bit_hyperrule(2_040, (224, 224)),
+    "vtab": bit_hyperrule(
+        1_000,
+        (384, 384),
+        sweep_train="train800",
+        sweep_val="val200",
+        final_train="train800val200",
+        transform="vtab",
+        eval_transform="vtab",
+    ),
+}
+
+
+def default_finetune_recipe(protocol: str, bit: bool = False) -> FinetuneRecipe:
+    """The protocol's Table 4 row for a ViT, its BiT-HyperRule for a BiT model."""
+    table = BIT_HYPERRULE if bit else TABLE4
+    if protocol not in table:
+        raise ValueError(f"unknown protocol {protocol!r}; one of {', '.join(table)}")
+    return table[protocol]

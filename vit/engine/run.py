@@ -18,7 +18,7 @@ from vit.engine.callbacks import Callback
 from vit.engine.config import TrainConfig
 from vit.engine.distributed import DistInfo, init_distributed
 from vit.engine.evaluation import evaluate_classifier
-from vit.engine.losses import classification_loss
+from vit.engine.losses import classification_loss, mixup_loss
 from vit.engine.mpp import MaskedPatchPrediction, mpp_loss
 from vit.engine.trainer import Trainer
 from vit.model import VisionTransformer, create_model, flops_per_image
@@ -147,13 +147,15 @@ def train(cfg: TrainConfig, callbacks: Sequence[Callback] = (), dist: DistInfo |
         if cfg.checkpoint.dir and dist.is_main:
             model_uri = storage.join(cfg.checkpoint.dir, "model.safetensors")
             save_checkpoint(model_uri, model, {"step": result.step, "dataset": ds.uri, "train_config": cfg.to_dict()})
-        final = VisionTransformer(model.cfg)
+        final = type(model)(model.cfg)
         final.load_state_dict(model.state_dict())
     return TrainOutcome(result.step, result.resumed_from, model_uri, result.eval, result.history, final.eval())
 
 
 def _classification_loss(cfg: TrainConfig):
     def loss(module: nn.Module, images: torch.Tensor, labels: torch.Tensor) -> torch.Tensor:
+        if cfg.mixup_alpha:
+            return mixup_loss(cfg.loss, module, images, labels, cfg.mixup_alpha, cfg.label_smoothing)
         return classification_loss(cfg.loss, module(images), labels, cfg.label_smoothing)
 
     return loss

@@ -386,13 +386,9 @@ class Trainer:
         """One optimiser step, queued on the device: nothing here waits for it (see :meth:`_sync_point`)."""
         cfg = self.cfg
         for group in self.optimizer.param_groups:
+            o = cfg.optim
             group["lr"] = lr_at(
-                self.step - 1,
-                cfg.optim.lr,
-                self.total_steps,
-                cfg.optim.warmup_steps,
-                cfg.optim.decay,
-                cfg.optim.linear_end,
+                self.step - 1, o.lr, self.total_steps, o.warmup_steps, o.decay, o.linear_end, o.step_decay_at
             )
         self.optimizer.zero_grad(set_to_none=True)
         total_loss = torch.zeros((), device=self.dist.device)
