@@ -43,7 +43,10 @@ class DataConfig:
     train_transform: Literal["pretrain", "finetune", "eval", "vtab"] = "pretrain"
     eval_transform: Literal["pretrain", "finetune", "eval", "vtab"] = "eval"
     num_workers: int = 0
-    shuffle_buffer: int | None = None
+    shuffle_buffer: int | None = None  # samples in the loader's shuffle buffer; None: vit.data's SHUFFLE_BUFFER
+    # cpu: the loader workers decode and augment; cuda: they only read, and each batch is decoded on the GPU
+    # (batched nvJPEG) and augmented there, with the same crops and flips
+    decode_device: Literal["cpu", "cuda"] = "cpu"
 
 
 @dataclass
