@@ -223,7 +223,7 @@ class ShardStream(IterableDataset):
         images = []
         with torch.random.fork_rng(devices=[]):
             for seed, (_, row, data) in zip(seeds, samples, strict=True):
-                torch.manual_seed(seed)
+                torch.default_generator.manual_seed(seed)  # CPU only: torch.manual_seed also queues CUDA seeding
                 images.append(transform_encoded(cfg.transform, data, int(index.widths[row]), int(index.heights[row])))
         return Batch(torch.stack(images), labels, rows_t)
 
@@ -234,7 +234,7 @@ def decode_encoded(batch: EncodedBatch, transform: Callable | None, device: torc
     images = []
     with torch.random.fork_rng(devices=[]):  # the transforms draw from the CPU generator whatever the device
         for seed, image in zip(batch.seeds, decode_batch(batch.blobs, device), strict=True):
-            torch.manual_seed(seed)
+            torch.default_generator.manual_seed(seed)
             images.append(transform(image) if transform is not None else image)
     return Batch(torch.stack(images), batch.labels, batch.index)
 
