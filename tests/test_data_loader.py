@@ -285,3 +285,18 @@ def test_batches_are_the_transformed_stored_images(ds):
         assert torch.equal(batch.images[i], tf(mapped[row][0]))
     assert Counter(batch.labels.tolist()) == Counter(manifest["label"].tolist())
     assert np.array_equal(np.sort(batch.index.numpy()), np.arange(30))
+
+
+def test_the_gpu_data_path_is_selected_by_config_and_refused_without_a_gpu(tmp_path, capsys):
+    from vit.engine.__main__ import EXIT_INVALID, main
+    from vit.engine.config import TrainConfig
+    from vit.engine.run import decode_device
+
+    cfg = TrainConfig.from_dict({"data": {"dataset": str(tmp_path)}, "steps": 1})
+    assert cfg.data.decode_device == "cpu" and decode_device(cfg, torch.device("cpu")) is None  # workers decode
+    cfg.data.decode_device = "cuda"
+    assert decode_device(cfg, torch.device("cuda", 1)) == "cuda:1"  # the rank's own GPU
+    config = tmp_path / "train.json"
+    config.write_text(json.dumps(cfg.to_dict()))
+    assert main([str(config), "--set", "device=cpu"]) == EXIT_INVALID  # refused before any work
+    assert "data.decode_device=cuda decodes on the training GPU, but this run trains on cpu" in capsys.readouterr().err

@@ -40,7 +40,7 @@ def free_port() -> int:
 def write_config(dataset: str, workdir: Path) -> Path:
     cfg = TrainConfig(
         model=ModelConfig(name="vit_micro_4", image_size=16, dropout=0.0),
-        data=DataConfig(dataset=dataset, train_split="train800", train_transform="pretrain"),
+        data=DataConfig(dataset=dataset, train_split="train800", train_transform="pretrain", shuffle_buffer=16),
         optim=OptimConfig(name="sgd", lr=0.05, grad_clip=None),
         checkpoint=CheckpointConfig(dir=str(workdir / "checkpoints"), every_minutes=None),
         batch_size=GLOBAL_BATCH,
@@ -92,7 +92,7 @@ def test_two_nodes_and_two_processes_train_as_one_process_does(dataset, tmp_path
         assert len(run["rank_digests"]) == 2 and len(set(run["rank_digests"])) == 1, name  # ranks agree exactly
         assert run["step"] == STEPS, name
         loader = run["loader"]
-        assert (loader["world_size"], loader["batch_size"]) == (2, GLOBAL_BATCH // 2), name
+        assert (loader["world_size"], loader["batch_size"], loader["shuffle_buffer"]) == (2, GLOBAL_BATCH // 2, 16)
         assert loader["batches"] * loader["batch_size"] * loader["world_size"] == samples, name  # same coverage
         torch.testing.assert_close(run["losses"], single["losses"], atol=1e-5, rtol=1e-5, msg=name)
         for key, value in single["weights"].items():
