@@ -46,12 +46,13 @@ def _validation_message(error: Exception) -> str:
     return "invalid spec:\n" + "\n".join(lines)
 
 
-def _spec(preset: str, overrides: list[str] | None):
+def _spec(preset: str, overrides: list[str] | None, check_inputs: bool = True):
     from flows.presets import build_spec
 
     try:
         spec = build_spec(preset, overrides or [])
-        spec.check_inputs()
+        if check_inputs:
+            spec.check_inputs()
         return spec
     except ValueError as e:  # pydantic.ValidationError is a ValueError
         raise _fail(_validation_message(e), EXIT_BAD_INPUT) from None
@@ -90,7 +91,11 @@ def run(
     ],
     overrides: SetOption = None,
     dispatch: Annotated[str | None, typer.Option(help="local (in-process) or deployments (work pool)")] = None,
-    dry_run: Annotated[bool, typer.Option("--dry-run", help="Print the validated spec; run nothing.")] = False,
+    dry_run: Annotated[
+        bool, typer.Option("--dry-run", help="Print the validated spec and its cost plan; run nothing.")
+    ] = False,
+    gpu: Annotated[str, typer.Option(help="--dry-run: the GPU the plan is costed on (H100, H200, A100, ...)")] = "H100",
+    mfu: Annotated[float, typer.Option(help="--dry-run: the model-FLOPs utilisation assumed")] = 0.45,
 ) -> None:
     """Run the whole benchmark protocol of a preset: prepare -> pre-train -> transfer -> aggregate.
 
@@ -102,11 +107,18 @@ def run(
     Examples: `vitflow run demo`, `vitflow run demo --set pretrain.steps=100 --set transfer.finetune.steps=20`,
     `vitflow run paper-b16-i21k --set compute.nproc_per_node=8`.
     """
-    spec = _spec(preset, overrides)
+    spec = _spec(preset, overrides, check_inputs=not dry_run)  # a plan is wanted before the data is there
     if dispatch not in (None, "local", "deployments"):
         raise _fail(f"--dispatch must be local or deployments, got {dispatch!r}", EXIT_BAD_INPUT)
     if dry_run:
+        from flows.costs import cost_plan, render
+
+        try:
+            plan = cost_plan(spec, gpu, mfu)
+        except ValueError as e:
+            raise _fail(str(e), EXIT_BAD_INPUT) from None
         typer.echo(json.dumps(spec.model_dump(mode="json"), indent=2))
+        typer.echo(render(plan))
         return
     _check_artifact_root(spec.resolved_artifact_root())
     server = prefect_server.start_if_needed()  # it boots while the flows are imported

@@ -1,5 +1,6 @@
-"""Loading: ranks x workers cover every sample once per epoch, repeat/reshuffle, exact mid-epoch resume, spawned
-workers, map-style access, transforms."""
+"""Loading: ranks x workers cover every sample once per epoch, global batches independent of the world size,
+repeat/reshuffle, exact mid-epoch resume, spawned workers, decoding in the main process, map-style access,
+transforms."""
 
 from __future__ import annotations
 
@@ -12,8 +13,9 @@ import pytest
 import torch
 from PIL import Image
 
-from tests.test_data_formats import image_bytes, pixels
+from tests.test_data_formats import image_bytes, pixels, write_imagefolder
 from vit.data import build_transform, open_dataset, prepare_dataset
+from vit.data.loader import buffer_shuffle
 from vit.data.shards import decode, transform_encoded
 
 SOURCE = "synthetic-vtab:specialized_noise,test=30"
@@ -113,12 +115,65 @@ def test_state_of_a_different_setup_is_refused(ds):
         other.load_state_dict(state)
 
 
-def test_repeat_false_passes_reshuffle_and_too_many_slots_is_refused(ds):
+def test_repeat_false_passes_reshuffle_and_more_slots_than_samples_still_stream(ds):
     loader = ds.loader("test", 8, build_transform("eval", 16), repeat=False)
     first, second = indices(take(loader)), indices(take(loader))
     assert sorted(first) == sorted(second) == list(range(30)) and first != second
-    with pytest.raises(ValueError, match="fewer than world_size x num_workers"):
-        ds.loader("test", 8, build_transform("eval", 16), rank=0, world_size=31)
+    tiny = [ds.loader("test", 1, build_transform("eval", 16), rank=r, world_size=31, seed=2) for r in (0, 30)]
+    assert [len(indices(take(loader, 2))) for loader in tiny] == [2, 2]  # chunks wrap into the next epoch
+
+
+@pytest.mark.parametrize("workers", [0, 2])
+def test_a_global_batch_holds_the_same_samples_and_crops_whatever_the_world_size(ds, workers):
+    """Step s of world_size ranks (batch_size / world_size each) covers the positions of step s of one process."""
+    global_batch, steps = 12, 40  # 480 samples: the stream runs over two epoch boundaries of 200
+    tf = build_transform("pretrain", 16)
+
+    def step_batches(world: int) -> list[tuple[torch.Tensor, torch.Tensor]]:
+        ranks = [
+            take(
+                ds.loader("train800", global_batch // world, tf, seed=4, num_workers=workers, rank=r, world_size=world),
+                steps,
+            )
+            for r in range(world)
+        ]
+        return [(torch.cat([b[s].index for b in ranks]), torch.cat([b[s].images for b in ranks])) for s in range(steps)]
+
+    single = step_batches(1)
+    for world in (2, 3):
+        for (index, images), (index1, images1) in zip(step_batches(world), single, strict=True):
+            assert torch.equal(index, index1) and torch.equal(images, images1)
+    order = [i for index, _ in single for i in index.tolist()]
+    assert sorted(order[:200]) == sorted(order[200:400]) == list(range(200))  # every sample once per epoch
+
+
+def test_the_vectorised_shuffle_buffer_is_the_buffer():
+    def simulated(rows: list[int], size: int, rng: np.random.Generator) -> list[int]:
+        buffer, out = rows[:size], []
+        for incoming, pick in zip(rows[size:], rng.integers(0, size, len(rows) - size).tolist(), strict=True):
+            out.append(buffer[pick])
+            buffer[pick] = incoming
+        return out + [buffer[i] for i in rng.permutation(size)]
+
+    rows = np.random.default_rng(0).permutation(1000)
+    for size in (1, 7, 100, 999):
+        expected = simulated(rows.tolist(), size, np.random.default_rng(size))
+        assert buffer_shuffle(rows, size, np.random.default_rng(size)).tolist() == expected
+    assert sorted(buffer_shuffle(rows, 5000, np.random.default_rng(1)).tolist()) == list(range(1000))
+
+
+def test_decoding_in_the_main_process_gives_the_workers_batches(tmp_path):
+    """``decode_device``: workers only read bytes; the batch is decoded in one batched ``decode_jpeg`` call and
+    augmented on that device (here the CPU, standing in for CUDA) with the crops and flips of the worker path."""
+    src = write_imagefolder(tmp_path / "src", per_class=6, splits=("train",)) / "train"
+    jpegs = open_dataset(prepare_dataset(f"imagefolder:{src}", "jpegs", str(tmp_path / "out"), progress=False))
+    for kind in ("pretrain", "finetune", "eval"):
+        tf = build_transform(kind, 16)
+        on_workers = take(jpegs.loader("train", 5, tf, seed=3, num_workers=1), 6)
+        in_main = take(jpegs.loader("train", 5, tf, seed=3, num_workers=1, decode_device="cpu"), 6)
+        for a, b in zip(on_workers, in_main, strict=True):
+            assert torch.equal(a.index, b.index) and torch.equal(a.labels, b.labels)
+            assert torch.equal(a.images, b.images)
 
 
 def test_spawned_workers_give_the_same_batches(ds):
@@ -230,3 +285,18 @@ def test_batches_are_the_transformed_stored_images(ds):
         assert torch.equal(batch.images[i], tf(mapped[row][0]))
     assert Counter(batch.labels.tolist()) == Counter(manifest["label"].tolist())
     assert np.array_equal(np.sort(batch.index.numpy()), np.arange(30))
+
+
+def test_the_gpu_data_path_is_selected_by_config_and_refused_without_a_gpu(tmp_path, capsys):
+    from vit.engine.__main__ import EXIT_INVALID, main
+    from vit.engine.config import TrainConfig
+    from vit.engine.run import decode_device
+
+    cfg = TrainConfig.from_dict({"data": {"dataset": str(tmp_path)}, "steps": 1})
+    assert cfg.data.decode_device == "cpu" and decode_device(cfg, torch.device("cpu")) is None  # workers decode
+    cfg.data.decode_device = "cuda"
+    assert decode_device(cfg, torch.device("cuda", 1)) == "cuda:1"  # the rank's own GPU
+    config = tmp_path / "train.json"
+    config.write_text(json.dumps(cfg.to_dict()))
+    assert main([str(config), "--set", "device=cpu"]) == EXIT_INVALID  # refused before any work
+    assert "data.decode_device=cuda decodes on the training GPU, but this run trains on cpu" in capsys.readouterr().err

@@ -19,6 +19,8 @@ from vit.data.shards import read_members, shard_uri
 if TYPE_CHECKING:  # torch's modules: imported where used, so that reading a dataset's facts does not import torch
     from vit.data.loader import MapDataset, ShardLoader, SplitIndex
 
+SHUFFLE_BUFFER = 2000  # samples: the global shuffle buffer of `vit.data.loader`
+
 
 class PreparedDataset:
     """A complete prepared dataset (its info.json exists)."""
@@ -95,14 +97,17 @@ class PreparedDataset:
         rank: int | None = None,
         world_size: int | None = None,
         drop_last: bool = False,
-        shuffle_buffer: int = 2000,
+        shuffle_buffer: int | None = None,
         prefetch_factor: int = 2,
         pin_memory: bool = False,
         multiprocessing_context: str | None = None,
+        decode_device: str | None = None,
     ) -> ShardLoader:
         """A streaming loader of ``Batch``es; see `vit.data.loader`. ``rank``/``world_size`` default to
-        torch.distributed's when it is initialised, else 0/1. ``multiprocessing_context="spawn"`` is safe where
-        forking is not (threads or CUDA in the parent)."""
+        torch.distributed's when it is initialised, else 0/1. ``shuffle_buffer``: samples (default
+        ``SHUFFLE_BUFFER``). ``multiprocessing_context="spawn"`` is safe where forking is not (threads or CUDA in
+        the parent). ``decode_device`` (e.g. ``"cuda"``): the workers only read, and each batch is decoded and
+        augmented on that device in this process."""
         import torch
 
         from vit.data.loader import ShardLoader, StreamConfig
@@ -123,12 +128,13 @@ class PreparedDataset:
             batch_size=batch_size,
             seed=seed,
             shuffle=shuffle,
-            shuffle_buffer=shuffle_buffer,
+            shuffle_buffer=SHUFFLE_BUFFER if shuffle_buffer is None else shuffle_buffer,
             repeat=repeat,
             drop_last=drop_last,
             rank=rank,
             world_size=world_size,
             workers=max(1, num_workers),
+            decode_device=decode_device,
         )
         return ShardLoader(
             self.fingerprint,

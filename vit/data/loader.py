@@ -1,18 +1,22 @@
-"""Streaming loader over a prepared split: deterministic, resumable, split across DDP ranks and workers.
+"""Streaming loader over a prepared split: deterministic, resumable, split across DDP ranks and workers, and with
+a global batch that holds the same samples whatever the world size.
 
-Each (rank, worker) pair is a *slot*. In epoch e the shards are permuted with (seed, e); with at least as many
-shards as slots, rank r takes ``perm[r::world]`` and worker w of it ``[w::workers]``; with fewer (tiny datasets),
-every slot streams all shards and keeps the rows ``row % slots == slot``. Either way every sample is read exactly
-once per epoch across all slots.
+Epoch e of a split is one global order of its rows, a function of (seed, e) only: the shards permuted, their rows
+concatenated, then the classic shuffle buffer, simulated on row numbers. The loader cuts the endless stream of
+epochs (one pass with ``repeat=False``) into chunks of ``batch_size`` positions: rank r's j-th batch is chunk
+``j * world_size + r``, made by that rank's worker ``j % workers``; each (rank, worker) pair is a *slot*. A training
+step of world_size x accum_steps batches therefore covers the same positions, with the same augmentation (seeded
+per position), on one process or many: only the float reductions differ. Every sample is read once per epoch.
 
-A slot's emission order is fixed in advance from integers only: the classic shuffle buffer (seeded by seed,
-epoch, slot) simulated on row numbers. Streaming the shards then only has to hold samples until their turn, never
-more than the buffer, and resuming after ``k`` samples reads just the shards that hold the rest of the order.
+A slot knows its positions in advance from integers only; it streams the shards in the epoch's order, reads just
+its rows (skipping or ranged-reading past the others) and holds early arrivals until their turn, about
+2 x buffer / slots samples. The DataLoader interleaves its workers round-robin, which hands a rank's batches out
+in order, so the number of batches a rank has consumed is the loader's state: on restore every worker recomputes
+where it stood, and worker ids are rotated so the round-robin resumes at the right one.
 
-The DataLoader interleaves its workers' batches round-robin (skipping workers that are done), so the whole batch
-sequence is a function of the number of batches consumed: that number is the loader's state. On restore every
-worker recomputes where its role stood, and worker ids are rotated so the round-robin resumes at the right one.
-Image decoding and augmentation happen in the workers; augmentation is seeded per batch, so it resumes too.
+Images are decoded and augmented in the workers, or, with ``decode_device``, the workers read bytes only and the
+main process decodes each batch on that device (batched nvJPEG on CUDA) and augments it there under the same
+per-sample seeds: the same crops and flips as on the CPU.
 """
 
 from __future__ import annotations
@@ -27,16 +31,24 @@ import torch
 from torch.utils.data import DataLoader, Dataset, IterableDataset, get_worker_info
 
 from vit import storage
-from vit.data.base import DataError
-from vit.data.shards import read_members, transform_encoded
+from vit.data.shards import decode_batch, read_members, transform_encoded
 
-STATE_VERSION = 1
+STATE_VERSION = 2
 
 
 class Batch(NamedTuple):
     images: torch.Tensor  # float32 (B, 3, H, W) in [-1, 1]
     labels: torch.Tensor  # int64 (B,)
     index: torch.Tensor  # int64 (B,): rows of ds.manifest(split)
+
+
+class EncodedBatch(NamedTuple):
+    """What the workers hand over when the main process decodes (``decode_device``)."""
+
+    blobs: list[torch.Tensor]  # uint8 (bytes,): one encoded image each
+    seeds: list[int]  # each sample's augmentation seed
+    labels: torch.Tensor
+    index: torch.Tensor
 
 
 @dataclass(frozen=True)
@@ -65,7 +77,7 @@ class SplitIndex:
 class StreamConfig:
     index: SplitIndex
     transform: Callable
-    batch_size: int
+    batch_size: int  # per rank: one chunk of the global order
     seed: int
     shuffle: bool
     shuffle_buffer: int
@@ -74,55 +86,77 @@ class StreamConfig:
     rank: int
     world_size: int
     workers: int  # roles per rank (>= 1; 1 when loading in the main process)
+    decode_device: str | None = None  # None: workers decode; else the main process decodes on this device
 
     @property
     def slots(self) -> int:
         return self.world_size * self.workers
 
-    def slot(self, role: int) -> int:
-        return self.rank * self.workers + role
-
-    def shard_order(self, epoch: int) -> np.ndarray:
+    def epoch_rows(self, epoch: int) -> tuple[np.ndarray, np.ndarray]:
+        """(the shards in the order epoch ``epoch`` reads them, every row in the order it emits them): a function
+        of (seed, epoch) only, the same for every world size and worker count."""
         n = len(self.index.shard_uris)
-        return np.random.default_rng([self.seed, epoch]).permutation(n) if self.shuffle else np.arange(n)
-
-    def by_shards(self) -> bool:
-        return len(self.index.shard_uris) >= self.slots
-
-    def slot_shards(self, epoch: int, role: int) -> np.ndarray:
-        order = self.shard_order(epoch)
-        return order[self.rank :: self.world_size][role :: self.workers] if self.by_shards() else order
-
-    def slot_size(self, epoch: int, role: int) -> int:
-        if self.by_shards():
-            return int(self.index.counts[self.slot_shards(epoch, role)].sum())
-        n, slot = self.index.num_rows, self.slot(role)
-        return max(0, (n - slot + self.slots - 1) // self.slots)
-
-    def epoch_order(self, epoch: int, role: int) -> tuple[np.ndarray, list[int]]:
-        """(the shards this slot reads in epoch ``epoch``, in order; its rows in emission order)."""
-        shards = self.slot_shards(epoch, role)
-        rows = np.concatenate([self.index.rows_of(s) for s in shards]) if len(shards) else np.zeros(0, np.int64)
-        if not self.by_shards():
-            rows = rows[rows % self.slots == self.slot(role)]
         if not self.shuffle:
-            return shards, rows.tolist()
-        rng = np.random.default_rng([self.seed, epoch, self.slot(role), 1])
-        return shards, buffer_shuffle(rows.tolist(), self.shuffle_buffer, rng)
+            return np.arange(n), np.arange(self.index.num_rows)
+        shards = np.random.default_rng([self.seed, epoch]).permutation(n)
+        rows = np.concatenate([self.index.rows_of(s) for s in shards]) if n else np.zeros(0, np.int64)
+        return shards, buffer_shuffle(rows, self.shuffle_buffer, np.random.default_rng([self.seed, epoch, 1]))
+
+    def pass_batches(self) -> int:
+        """Chunks of ``batch_size`` in one pass over the split (``repeat=False``), over all ranks."""
+        n, m = self.index.num_rows, self.batch_size
+        return n // m if self.drop_last else -(-n // m)
+
+    def rank_batches(self) -> int:
+        return len(range(self.rank, self.pass_batches(), self.world_size))
+
+    def role_positions(self, role: int, first: int, pass_epoch: int) -> Iterator[tuple[int, np.ndarray]]:
+        """(epoch, positions) of one slot's samples from its ``first``-th batch on, an epoch at a time. Positions
+        count samples of the endless stream of epochs; pass ``p`` of a ``repeat=False`` loader is epoch ``p``.
+        The slot's k-th batch is chunk ``(role + k * workers) * world_size + rank``."""
+        n, m, period = self.index.num_rows, self.batch_size, self.slots * self.batch_size
+        if n == 0:
+            return
+        base = 0 if self.repeat else pass_epoch * n
+        end = math.inf if self.repeat else base + min(n, self.pass_batches() * m)
+        origin = base + (role * self.world_size + self.rank) * m  # where this slot's first chunk starts
+        start = origin + first * period
+        epoch = start // n
+        while epoch * n < end:
+            low, high = max(epoch * n, start), min((epoch + 1) * n, end)
+            chunks = np.arange(
+                max(first, -(-(low - origin - m + 1) // period)), max(first, -(-(high - origin) // period))
+            )
+            positions = (origin + chunks[:, None] * period + np.arange(m)).ravel()
+            yield epoch, positions[(positions >= low) & (positions < high)]
+            epoch += 1
 
 
-def buffer_shuffle(rows: list[int], size: int, rng: np.random.Generator) -> list[int]:
+def buffer_shuffle(rows: np.ndarray, size: int, rng: np.random.Generator) -> np.ndarray:
     """The order a shuffle buffer of ``size`` emits ``rows`` in: fill the buffer, then each new row replaces a
     random buffered one, which is emitted; the rest leaves in random order. Equal to a full permutation when the
-    buffer holds everything."""
-    if size >= len(rows):
-        return [rows[i] for i in rng.permutation(len(rows))]
-    buffer, out = rows[:size], []
-    for incoming, pick in zip(rows[size:], rng.integers(0, size, len(rows) - size).tolist(), strict=True):
-        out.append(buffer[pick])
-        buffer[pick] = incoming
-    out.extend(buffer[i] for i in rng.permutation(size))
-    return out
+    buffer holds everything. Vectorised: the row emitted at step t is the last one that entered the picked place."""
+    n = len(rows)
+    if size >= n:
+        return rows[rng.permutation(n)]
+    picks = rng.integers(0, size, n - size)
+    times = np.argsort(picks, kind="stable")  # steps grouped by the place they pick, in time order
+    grouped = picks[times]
+    starts = np.r_[True, grouped[1:] != grouped[:-1]]
+    previous = np.r_[-1, times[:-1]]
+    previous[starts] = -1  # the first pick of a place emits the row it was filled with
+    last_entrant = np.empty(n - size, np.int64)
+    last_entrant[times] = previous
+    head = np.where(last_entrant >= 0, rows[size + last_entrant], rows[picks])
+    ends = np.r_[starts[1:], True]
+    remaining = rows[:size].copy()
+    remaining[grouped[ends]] = rows[size + times[ends]]
+    return np.concatenate([head, remaining[rng.permutation(size)]])
+
+
+def sample_seed(seed: int, position: int) -> int:
+    """The augmentation seed of the sample at ``position`` of the stream: independent of who loads it."""
+    return int(np.random.SeedSequence([seed, position]).generate_state(1)[0])
 
 
 def _read_in_order(index: SplitIndex, shards: np.ndarray, order: list[int]) -> Iterator[tuple[int, bytes]]:
@@ -148,60 +182,67 @@ def _read_in_order(index: SplitIndex, shards: np.ndarray, order: list[int]) -> I
         raise storage.StorageError(f"shards ended before {len(order) - next_pos} of their samples were read")
 
 
-@dataclass(frozen=True)
-class Position:
-    """Where one role starts: epoch, samples of that epoch already consumed, batches it already produced."""
-
-    epoch: int
-    skip: int
-    batches: int
-
-
 class ShardStream(IterableDataset):
     """The per-worker stream of whole batches (DataLoader with ``batch_size=None``). Module-level and holding
-    only picklable state, so workers can be spawned."""
+    only picklable state, so workers can be spawned. ``starts[role]``: batches that role already produced."""
 
-    def __init__(self, config: StreamConfig, starts: list[Position], rotation: int, pass_epoch: int) -> None:
+    def __init__(self, config: StreamConfig, starts: list[int], rotation: int, pass_epoch: int) -> None:
         self.config, self.starts, self.rotation, self.pass_epoch = config, starts, rotation, pass_epoch
 
-    def __iter__(self) -> Iterator[Batch]:
+    def __iter__(self) -> Iterator[Batch | EncodedBatch]:
         info = get_worker_info()
         role = ((info.id if info else 0) + self.rotation) % self.config.workers
-        start = self.starts[role]
-        batch_no, pending = start.batches, []
-        for sample in self._samples(role, start):
+        pending: list[tuple[int, int, bytes]] = []
+        for sample in self._samples(role):
             pending.append(sample)
             if len(pending) == self.config.batch_size:
-                yield self._collate(pending, role, batch_no)
-                batch_no, pending = batch_no + 1, []
+                yield self._collate(pending)
+                pending = []
         if pending and not self.config.drop_last:
-            yield self._collate(pending, role, batch_no)
+            yield self._collate(pending)
 
-    def _samples(self, role: int, start: Position) -> Iterator[tuple[int, bytes]]:
-        epoch, skip = start.epoch, start.skip
-        while True:
-            shards, order = self.config.epoch_order(epoch, role)
-            yield from _read_in_order(self.config.index, shards, order[skip:])
-            if not self.config.repeat:
-                return
-            epoch, skip = epoch + 1, 0
+    def _samples(self, role: int) -> Iterator[tuple[int, int, bytes]]:
+        """(position, row, encoded image) of this role's samples, in order."""
+        cfg = self.config
+        for epoch, positions in cfg.role_positions(role, self.starts[role], self.pass_epoch):
+            if not len(positions):
+                continue
+            shards, rows = cfg.epoch_rows(epoch)
+            order = rows[positions - epoch * cfg.index.num_rows].tolist()
+            for position, (row, data) in zip(positions.tolist(), _read_in_order(cfg.index, shards, order), strict=True):
+                yield position, row, data
 
-    def _collate(self, samples: list[tuple[int, bytes]], role: int, batch_no: int) -> Batch:
+    def _collate(self, samples: list[tuple[int, int, bytes]]) -> Batch | EncodedBatch:
         cfg, index = self.config, self.config.index
-        rows = np.array([row for row, _ in samples], dtype=np.int64)
-        seed = np.random.SeedSequence([cfg.seed, self.pass_epoch, cfg.slot(role), batch_no]).generate_state(1)[0]
+        rows = np.array([row for _, row, _ in samples], dtype=np.int64)
+        labels, rows_t = torch.from_numpy(index.labels[rows]), torch.from_numpy(rows)
+        seeds = [sample_seed(cfg.seed, position) for position, _, _ in samples]
+        if cfg.decode_device is not None:
+            blobs = [torch.frombuffer(bytearray(data), dtype=torch.uint8) for _, _, data in samples]
+            return EncodedBatch(blobs, seeds, labels, rows_t)
+        images = []
         with torch.random.fork_rng(devices=[]):
-            torch.manual_seed(int(seed))
-            images = [
-                transform_encoded(cfg.transform, data, int(index.widths[row]), int(index.heights[row]))
-                for row, data in samples
-            ]
-        return Batch(torch.stack(images), torch.from_numpy(index.labels[rows]), torch.from_numpy(rows))
+            for seed, (_, row, data) in zip(seeds, samples, strict=True):
+                torch.default_generator.manual_seed(seed)  # CPU only: torch.manual_seed also queues CUDA seeding
+                images.append(transform_encoded(cfg.transform, data, int(index.widths[row]), int(index.heights[row])))
+        return Batch(torch.stack(images), labels, rows_t)
+
+
+def decode_encoded(batch: EncodedBatch, transform: Callable | None, device: torch.device) -> Batch:
+    """Decode a batch on ``device`` (batched nvJPEG on CUDA) and augment it there, each sample under the seed the
+    worker path uses, so the crops and flips equal the CPU path's."""
+    images = []
+    with torch.random.fork_rng(devices=[]):  # the transforms draw from the CPU generator whatever the device
+        for seed, image in zip(batch.seeds, decode_batch(batch.blobs, device), strict=True):
+            torch.default_generator.manual_seed(seed)
+            images.append(transform(image) if transform is not None else image)
+    return Batch(torch.stack(images), batch.labels, batch.index)
 
 
 class ShardLoader:
     """Iterable over `Batch`es of one split; see the module docstring. Use one iterator at a time: the state is
-    the number of batches handed out since the start (``repeat=True``) or since the start of the current pass."""
+    the number of batches handed out since the start (``repeat=True``) or since the start of the current pass.
+    ``pin_memory``: batches come in page-locked memory, for asynchronous copies to a GPU."""
 
     def __init__(
         self,
@@ -220,57 +261,23 @@ class ShardLoader:
         self.multiprocessing_context = multiprocessing_context
         self.epoch = 0  # passes completed (repeat=False); always 0 with repeat=True, whose stream never ends
         self.batches = 0
-        if config.repeat and config.index.num_rows < config.slots:  # checked alike on every rank
-            raise DataError(
-                f"split {split!r} has {config.index.num_rows} samples, fewer than world_size x num_workers "
-                f"= {config.slots}: some workers would never yield a batch; use fewer workers"
-            )
 
-    # ---- resume arithmetic
-
-    def _role_batches(self, epoch: int) -> list[int]:
-        cfg = self.config
-        rounding = math.floor if cfg.drop_last else math.ceil
-        return [rounding(cfg.slot_size(epoch, role) / cfg.batch_size) for role in range(cfg.workers)]
-
-    def _plan(self) -> tuple[list[Position], int]:
-        """Each role's start position after ``self.batches`` batches, and the role the next batch comes from."""
-        cfg, n, roles = self.config, self.batches, self.config.workers
-        if cfg.repeat:
-            done = [n // roles + (1 if role < n % roles else 0) for role in range(roles)]
-            return [self._locate(role, done[role]) for role in range(roles)], n % roles
-        remaining = self._role_batches(self.epoch)
-        done, turn = [0] * roles, 0
-        for _ in range(n):  # the DataLoader's round-robin, skipping roles that are finished
-            while remaining[turn] == 0:
-                turn = (turn + 1) % roles
-            remaining[turn] -= 1
-            done[turn] += 1
-            turn = (turn + 1) % roles
-        positions = [
-            Position(self.epoch, min(done[r] * cfg.batch_size, cfg.slot_size(self.epoch, r)), done[r])
-            for r in range(roles)
-        ]
-        return positions, turn
-
-    def _locate(self, role: int, batches: int) -> Position:
-        samples, epoch = batches * self.config.batch_size, 0
-        while samples >= (size := self.config.slot_size(epoch, role)):
-            samples -= size
-            epoch += 1
-        return Position(epoch, samples, batches)
-
-    # ---- iteration
+    def _plan(self) -> tuple[list[int], int]:
+        """The batches each worker role has produced after ``self.batches``, and the role of the next batch (the
+        round-robin hands out a rank's batches in order, role ``j % workers`` making batch j)."""
+        roles = self.config.workers
+        return [len(range(role, self.batches, roles)) for role in range(roles)], self.batches % roles
 
     def __len__(self) -> int:
         """Batches in one pass on this rank (``repeat=False`` only)."""
         if self.config.repeat:
             raise TypeError("a repeating loader is endless; it has no length")
-        return sum(self._role_batches(self.epoch))
+        return self.config.rank_batches()
 
     def __iter__(self) -> Iterator[Batch]:
         starts, rotation = self._plan()
         stream = ShardStream(self.config, starts, rotation, self.epoch)
+        on_device = self.config.decode_device is not None
         if self.num_workers == 0:
             batches = iter(stream)
         else:
@@ -280,12 +287,16 @@ class ShardLoader:
                     batch_size=None,
                     num_workers=self.num_workers,
                     prefetch_factor=self.prefetch_factor,
-                    pin_memory=self.pin_memory,
+                    pin_memory=self.pin_memory and not on_device,
                     multiprocessing_context=self.multiprocessing_context,
                 )
             )
         for batch in batches:
             self.batches += 1
+            if on_device:
+                batch = decode_encoded(batch, self.config.transform, torch.device(self.config.decode_device))
+            elif self.pin_memory and self.num_workers == 0:
+                batch = Batch(batch.images.pin_memory(), batch.labels.pin_memory(), batch.index)
             yield batch
         if not self.config.repeat:
             self.epoch, self.batches = self.epoch + 1, 0

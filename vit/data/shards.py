@@ -234,3 +234,24 @@ def transform_encoded(transform: Callable | None, data: bytes, width: int, heigh
         plan = transform.plan(width, height)
         return transform.apply(decode(data, plan.scale), plan, width, height)
     return transform(decode(data))
+
+
+def decode_batch(blobs: Sequence[torch.Tensor], device: torch.device) -> list[torch.Tensor]:
+    """Encoded images (uint8 1-D tensors) -> uint8 RGB CHW tensors on ``device``, at full size. The JPEGs are
+    decoded in one batched ``torchvision.io.decode_jpeg`` call on that device (nvJPEG on CUDA); PNGs, and the
+    JPEGs of a batch that call refuses, one by one on the CPU as :func:`decode` does, then moved."""
+    from torchvision.io import ImageReadMode, decode_jpeg
+
+    images: list[torch.Tensor | None] = [None] * len(blobs)
+    jpegs = [i for i, blob in enumerate(blobs) if bytes(blob[:2].tolist()) == JPEG_MAGIC]
+    if jpegs:
+        try:
+            decoded = decode_jpeg([blobs[i] for i in jpegs], mode=ImageReadMode.RGB, device=device)
+            for i, image in zip(jpegs, decoded, strict=True):
+                images[i] = image
+        except RuntimeError:
+            pass
+    return [
+        image if image is not None else decode(blob.numpy().tobytes()).to(device)
+        for image, blob in zip(images, blobs, strict=True)
+    ]

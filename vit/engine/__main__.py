@@ -13,7 +13,7 @@ import sys
 from vit.engine.callbacks import JsonlLog, ProgressBar
 from vit.engine.config import TrainConfig
 from vit.engine.distributed import init_distributed, shutdown
-from vit.engine.run import train
+from vit.engine.run import decode_device, train
 from vit.engine.trainer import NonFiniteLossError, Preempted
 
 EXIT_INVALID, EXIT_NONFINITE, EXIT_PREEMPTED = 2, 3, 143
@@ -40,6 +40,7 @@ def main(argv: list[str] | None = None) -> int:
         cfg = TrainConfig.load(args.config, args.overrides)
         dist = init_distributed(cfg.device)
         cfg.validate(dist.world_size)
+        decode_device(cfg, dist.device)
     except (ValueError, OSError) as e:
         print(f"error: {e}", file=sys.stderr)
         return EXIT_INVALID
@@ -64,6 +65,7 @@ def main(argv: list[str] | None = None) -> int:
                     "resumed_from": outcome.resumed_from,
                     "eval": outcome.eval,
                     "model_uri": outcome.model_uri,
+                    "rank_digests": outcome.rank_digests,
                 },
                 f,
             )

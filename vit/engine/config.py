@@ -45,7 +45,10 @@ class DataConfig:
     # tf: tf.image.resize's float bilinear without antialiasing, as the official pipelines (vit.data.transforms)
     resize: Literal["tf", "antialias"] = "tf"
     num_workers: int = 0
-    shuffle_buffer: int | None = None
+    shuffle_buffer: int | None = None  # samples in the loader's shuffle buffer; None: vit.data's SHUFFLE_BUFFER
+    # cpu: the loader workers decode and augment; cuda: they only read, and each batch is decoded on the GPU
+    # (batched nvJPEG) and augmented there, with the same crops and flips
+    decode_device: Literal["cpu", "cuda"] = "cpu"
 
 
 @dataclass

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import hashlib
 import math
 import random
 from collections.abc import Sequence
@@ -32,6 +33,21 @@ class TrainOutcome:
     eval: dict[str, float] = field(default_factory=dict)
     history: list[dict[str, float]] = field(default_factory=list)
     model: VisionTransformer | None = None
+    rank_digests: list[str] = field(default_factory=list)  # sha256 of each rank's final weights, by rank
+
+
+def rank_digests(model: nn.Module) -> list[str]:
+    """The sha256 of every rank's weights (gathered across the process group): equal on all ranks when DDP kept
+    them in step, which the result reports and the launcher's tests check."""
+    digest = hashlib.sha256()
+    for name, tensor in sorted(model.state_dict().items()):
+        digest.update(name.encode())
+        digest.update(tensor.detach().cpu().contiguous().view(torch.uint8).numpy().tobytes())
+    if not (torch.distributed.is_available() and torch.distributed.is_initialized()):
+        return [digest.hexdigest()]
+    gathered: list[str | None] = [None] * torch.distributed.get_world_size()
+    torch.distributed.all_gather_object(gathered, digest.hexdigest())
+    return [str(d) for d in gathered]
 
 
 def seed_everything(seed: int) -> None:
@@ -69,6 +85,16 @@ def total_steps(cfg: TrainConfig, train_count: int) -> int:
     return max(1, math.ceil(cfg.epochs * train_count / cfg.batch_size))
 
 
+def decode_device(cfg: TrainConfig, device: torch.device) -> str | None:
+    """Where the training batches are decoded: None (in the loader workers) or the training GPU. Raises
+    ValueError when ``data.decode_device=cuda`` is asked of a run that does not train on a GPU."""
+    if cfg.data.decode_device == "cpu":
+        return None
+    if device.type != "cuda":
+        raise ValueError(f"data.decode_device=cuda decodes on the training GPU, but this run trains on {device}")
+    return str(device)
+
+
 def train(cfg: TrainConfig, callbacks: Sequence[Callback] = (), dist: DistInfo | None = None) -> TrainOutcome:
     """Train as configured (resuming from ``checkpoint.dir`` when it holds a checkpoint) and save the final weights
     (Polyak-averaged if enabled) to ``<checkpoint.dir>/model.safetensors``.
@@ -91,6 +117,8 @@ def train(cfg: TrainConfig, callbacks: Sequence[Callback] = (), dist: DistInfo |
     micro = cfg.batch_size // (dist.world_size * cfg.accum_steps)
     size = cfg.model.image_size
     pin = dist.device.type == "cuda"  # page-locked batches, so the trainer's non_blocking copies overlap compute
+    # each step's global batch is the same samples whatever the world size (vit.data.loader): micro-batch j of
+    # rank r is chunk j * world_size + r of the global order
     loader = ds.loader(
         cfg.data.train_split,
         micro,
@@ -101,7 +129,9 @@ def train(cfg: TrainConfig, callbacks: Sequence[Callback] = (), dist: DistInfo |
         num_workers=cfg.data.num_workers,
         rank=dist.rank,
         world_size=dist.world_size,
+        shuffle_buffer=cfg.data.shuffle_buffer,
         pin_memory=pin,
+        decode_device=decode_device(cfg, dist.device),
     )
     module: nn.Module
     if cfg.objective == "mpp":
@@ -149,7 +179,8 @@ def train(cfg: TrainConfig, callbacks: Sequence[Callback] = (), dist: DistInfo |
             save_checkpoint(model_uri, model, {"step": result.step, "dataset": ds.uri, "train_config": cfg.to_dict()})
         final = type(model)(model.cfg)
         final.load_state_dict(model.state_dict())
-    return TrainOutcome(result.step, result.resumed_from, model_uri, result.eval, result.history, final.eval())
+    digests = rank_digests(model)
+    return TrainOutcome(result.step, result.resumed_from, model_uri, result.eval, result.history, final.eval(), digests)
 
 
 def _classification_loss(cfg: TrainConfig):
