@@ -37,6 +37,7 @@ os.environ.setdefault("MLFLOW_HTTP_REQUEST_TIMEOUT", "15")
 log = logging.getLogger("vitflow.tracking")
 SECRET_MARKERS = ("secret", "password", "token", "access_key", "credential", "api_key")
 LOCAL_ID_TAG = "vitflow.local_id"
+RETRY_SECONDS = 2.0  # how long calls queue without trying MLflow after it failed (a hung server costs a timeout)
 
 
 @dataclass
@@ -112,17 +113,19 @@ class Tracker:
         self._refs: dict[str, RunRef] = {}
         self._lock = threading.RLock()
         self._spool = _new_spool()
+        self._retry_at = 0.0  # while MLflow is down, calls queue without trying it until then
 
     # -- the queue ------------------------------------------------------------------------------------------------
 
     def _call(self, op_name: str, **args: Any) -> Any:
         op = Op(op_name, args)
         with self._lock:
-            if self.flush():
+            if time.monotonic() >= self._retry_at and self.flush():
                 try:
                     return self._send(op, replay=False)
                 except Exception as e:  # noqa: BLE001 - any failure to reach MLflow is queued, never raised
                     log.warning("MLflow unreachable (%s: %s); queued %s for later", type(e).__name__, e, op_name)
+                    self._retry_at = time.monotonic() + RETRY_SECONDS
             self._enqueue(op)
             return None
 
@@ -152,7 +155,8 @@ class Tracker:
             while self._pending:
                 try:
                     self._send(self._pending[0], replay=True)
-                except Exception:  # noqa: BLE001 - still down: keep the queue
+                except Exception:  # noqa: BLE001 - still down: keep the queue, and let calls queue for a while
+                    self._retry_at = time.monotonic() + RETRY_SECONDS
                     return False
                 for copy in self._pending.pop(0).files:
                     shutil.rmtree(copy, ignore_errors=True)

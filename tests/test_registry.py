@@ -95,7 +95,10 @@ def test_registering_without_an_alias_leaves_the_aliases_where_they_are(registry
 def test_mlflow_models_serve_answers_a_batch_with_the_checkpoints_logits(registry, tmp_path):
     url, checkpoints = registry
     port = free_ports(1)
-    env = {**os.environ, "MLFLOW_TRACKING_URI": url, "OMP_NUM_THREADS": "1"}
+    path = (
+        f"{Path(sys.executable).parent}{os.pathsep}{os.environ['PATH']}"  # it runs `uvicorn` as an activated venv would
+    )
+    env = {**os.environ, "MLFLOW_TRACKING_URI": url, "OMP_NUM_THREADS": "1", "PATH": path}
     argv = [sys.executable, "-m", "mlflow", "models", "serve", "-m", f"models:/{NAME}@candidate"]
     argv += ["--env-manager", "local", "-h", "127.0.0.1", "-p", str(port), "-w", "1"]
     log = (tmp_path / "serve.log").open("w")
@@ -112,7 +115,8 @@ def test_mlflow_models_serve_answers_a_batch_with_the_checkpoints_logits(registr
             predictions = np.asarray(json.load(response)["predictions"], dtype=np.float32)
         np.testing.assert_allclose(predictions, reference_logits(checkpoints["candidate"], x), atol=1e-4)
     finally:
-        os.killpg(proc.pid, 9)
+        if proc.poll() is None:
+            os.killpg(proc.pid, 9)
         proc.wait()
 
 
