@@ -84,7 +84,7 @@ def log_checkpoint(tracker: Tracker, run: RunRef, experiment_id: str, checkpoint
     """Log ``checkpoint_uri`` as a logged model of ``run`` (queued like every call while MLflow is down)."""
     tags = {CHECKPOINT_TAG: checkpoint_uri, "vitflow.git_commit": git_commit()}
     path = save_mlflow_model(checkpoint_uri, workdir)
-    return tracker.log_model(run, experiment_id, path, run.name.replace(":", "-"), tags)
+    return tracker.log_model(run, experiment_id, path, re.sub(r"[/:.%\"']", "-", run.name), tags)  # MLflow's rule
 
 
 def register_model(

@@ -47,6 +47,7 @@ class RunRef:
     name: str
     id: str | None = None
     local_id: str = field(default_factory=lambda: uuid.uuid4().hex)
+    refused: bool = False  # MLflow refused to create it: what refers to it is dropped too, never retried
 
 
 class ModelRef(RunRef):
@@ -137,6 +138,9 @@ class Tracker:
             if _is_outage(e):
                 raise
             log.error("MLflow refused %s (%s: %s); dropped it", op.name, type(e).__name__, e)
+            created = {"create_run": "run", "log_model": "model"}.get(op.name)
+            if created:
+                self._refs[op.args[created]].refused = True
             return None
 
     def _enqueue(self, op: Op) -> None:
@@ -200,6 +204,8 @@ class Tracker:
         if local_id is None:
             return None
         ref = self._refs[local_id]
+        if ref.refused:
+            raise Refused(f"MLflow refused to create {ref.name}")
         if ref.id is None:
             raise LookupError(f"{ref.name} does not exist in MLflow yet")
         return ref.id
@@ -402,11 +408,15 @@ class Tracker:
 REFUSALS = {"INVALID_PARAMETER_VALUE", "RESOURCE_ALREADY_EXISTS", "RESOURCE_DOES_NOT_EXIST", "BAD_REQUEST"}
 
 
+class Refused(Exception):
+    """An operation on a run or model that MLflow refused to create."""
+
+
 def _is_outage(e: Exception) -> bool:
     """True unless MLflow answered and refused the request (sending it again cannot help)."""
     from mlflow.exceptions import MlflowException
 
-    return not (isinstance(e, MlflowException) and e.error_code in REFUSALS)
+    return not (isinstance(e, Refused) or isinstance(e, MlflowException) and e.error_code in REFUSALS)
 
 
 def _finite_number(v: Any) -> bool:
@@ -423,14 +433,14 @@ def sync_pending(tracking_uri: str, on_message: Callable[[str], None] = log.info
     directory = _pending_dir()
     if not directory.is_dir():
         return 0
-    sent = 0
-    for path in sorted(directory.glob("*.jsonl")):
+    sent, tracker, kinds = 0, Tracker(tracking_uri), {"RunRef": RunRef, "ModelRef": ModelRef}
+    for path in sorted(directory.glob("*.jsonl")):  # oldest first: a later file may use a run an earlier one made
         header, *ops = [json.loads(line) for line in path.read_text().splitlines() if line]
         if header.get("tracking_uri") != tracking_uri:
             continue
-        tracker = Tracker(tracking_uri)
-        kinds = {"RunRef": RunRef, "ModelRef": ModelRef}
-        tracker._refs = {k: kinds[r["kind"]](r["name"], r["id"], k) for k, r in header["refs"].items()}
+        for key, ref in header["refs"].items():
+            if tracker._refs.get(key) is None or tracker._refs[key].id is None:
+                tracker._refs[key] = kinds[ref["kind"]](ref["name"], ref["id"], key)
         try:
             for op in ops:
                 tracker._send(Op(**op), replay=True)

@@ -165,7 +165,7 @@ def train_task(
             if storage.is_s3(uri):  # the event log beside the checkpoints, for the curves of later reports
                 storage.upload(local_workdir(uri) / "events.jsonl", storage.join(uri, "events.jsonl"))
             version = None
-            if register and model is not None:
+            if register:
                 alias = register.get("alias")
                 tags = {CHECKPOINT_TAG: result["model_uri"]}
                 version = tracker.register_model(register["name"], model, alias, run, tags)
