@@ -104,8 +104,7 @@ def prepare_datasets(
         return {name: f.result() for name, f in futures.items()}
     finally:
         if parent is not None:
-            tracker.end_run(parent)
-            tracker.wait_flush(30)
+            tracker.finish(parent)
 
 
 @flow(name="pretrain", log_prints=True)
@@ -306,6 +305,4 @@ def benchmark(
         status = "FINISHED"
         return summary
     finally:
-        tracker.end_run(parent, status)
-        if not tracker.wait_flush(30):
-            tracker.persist_pending()
+        tracker.finish(parent, status)

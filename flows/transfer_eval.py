@@ -71,9 +71,7 @@ def transfer_eval(
         status = "FINISHED"
         return summary
     finally:
-        tracker.end_run(parent, status)
-        if not tracker.wait_flush(30):
-            tracker.persist_pending()
+        tracker.finish(parent, status)
 
 
 def _regression_artifact(message: str, comparison: str) -> None:

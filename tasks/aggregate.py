@@ -19,7 +19,6 @@ from prefect.cache_policies import NONE
 
 from tasks.common import (
     TrackingContext,
-    finish_stage_run,
     read_done,
     run_logger,
     stage_uri,
@@ -301,9 +300,9 @@ def aggregate_task(
         table = to_markdown(_summary_table(df), index=False)  # printed by the CLI, an artifact in the UI
         logger.info("results of %s: %d rows (the flow run's `results-table` artifact)", spec["experiment"], len(df))
     except BaseException:
-        finish_stage_run(tracker, run, "FAILED")
+        tracker.finish(run, "FAILED")
         raise
-    finish_stage_run(tracker, run)
+    tracker.finish(run)
     return {
         "results_uri": storage.join(target, "results.parquet"),
         "report_uri": storage.join(target, "report.html"),

@@ -7,7 +7,6 @@ import contextlib
 import hashlib
 import json
 import logging
-import os
 import re
 from collections.abc import Iterator
 from dataclasses import asdict, dataclass
@@ -120,10 +119,3 @@ def start_stage_run(
     if params:
         tracker.log_params(run, params)
     return tracker, run
-
-
-def finish_stage_run(tracker: Tracker, run: RunRef, status: str = "FINISHED") -> None:
-    """End the run; what MLflow could not take yet is saved locally and synced on a later run."""
-    tracker.end_run(run, status)
-    if not tracker.wait_flush(timeout=float(os.environ.get("VITFLOW_MLFLOW_FLUSH_SECONDS", "30"))):
-        tracker.persist_pending()

@@ -10,7 +10,6 @@ from prefect.cache_policies import NONE
 
 from tasks.common import (
     TrackingContext,
-    finish_stage_run,
     read_done,
     run_logger,
     stage_uri,
@@ -131,9 +130,9 @@ def fewshot_task(
             )
         tracker.log_metrics(run, {f"fewshot/{benchmark}/{k}shot": v for k, v in done["mean"].items()})
     except BaseException:
-        finish_stage_run(tracker, run, "FAILED")
+        tracker.finish(run, "FAILED")
         raise
-    finish_stage_run(tracker, run)
+    tracker.finish(run)
     return done
 
 

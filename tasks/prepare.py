@@ -7,7 +7,7 @@ from typing import Any
 from prefect import task
 from prefect.cache_policies import NONE
 
-from tasks.common import TrackingContext, finish_stage_run, run_logger, start_stage_run
+from tasks.common import TrackingContext, run_logger, start_stage_run
 from tasks.tracking import RunRef, Tracker
 
 
@@ -79,7 +79,7 @@ def prepare_dataset_task(
         log_dataset_input(tracker, run, ref, "prepared")
         logger.info("dataset %s ready: %s (%s)", name, uri, ", ".join(f"{k} {v}" for k, v in ref["splits"].items()))
     except BaseException:
-        finish_stage_run(tracker, run, "FAILED")
+        tracker.finish(run, "FAILED")
         raise
-    finish_stage_run(tracker, run)
+    tracker.finish(run)
     return ref

@@ -17,7 +17,6 @@ from prefect.cache_policies import NONE
 from tasks.common import (
     TrackingContext,
     claim_stage,
-    finish_stage_run,
     local_workdir,
     run_logger,
     stage_uri,
@@ -25,7 +24,7 @@ from tasks.common import (
     write_done,
 )
 from tasks.launch import Launch, run_training
-from tasks.models import register_model
+from tasks.models import CHECKPOINT_TAG, log_checkpoint
 from tasks.prepare import log_dataset_input
 from tasks.tracking import flatten, forward_events
 from vit import storage
@@ -123,7 +122,7 @@ def train_task(
             logger.info("%s: finished earlier, reusing %s", run_name, uri)
             tracker.log_metrics(run, done["metrics"], done.get("step"))
             tracker.set_tags(run, {"vitflow.model_uri": done["model_uri"]})
-            finish_stage_run(tracker, run)
+            tracker.finish(run)
             return done
 
         cfg = TrainConfig.from_dict(config)
@@ -156,16 +155,22 @@ def train_task(
                 metrics.update(_test_metrics(result["model_uri"], cfg.data.dataset, test, cfg.batch_size))
                 # when the test evaluation ran, in the stage's event log beside the engine's own events
                 JsonlLog(local_workdir(uri) / "events.jsonl")("test", result["step"], {"start": started})
-            tracker.log_metrics(run, metrics, result["step"])
+            model = None
+            if register or test is not None:  # the models people load: pre-trained, and final fine-tunes
+                model = log_checkpoint(
+                    tracker, run, ctx.experiment_id, result["model_uri"], local_workdir(uri) / "mlflow"
+                )
+            tracker.log_metrics(run, metrics, result["step"], model=model)
             tracker.set_tags(run, {"vitflow.model_uri": result["model_uri"]})
             if storage.is_s3(uri):  # the event log beside the checkpoints, for the curves of later reports
                 storage.upload(local_workdir(uri) / "events.jsonl", storage.join(uri, "events.jsonl"))
             version = None
             if register:
-                version = register_model(
-                    ctx.tracking_uri, register["name"], register["alias"], result["model_uri"], run.id
-                )
-                tracker.set_tags(run, {"vitflow.registered_model": f"models:/{register['name']}@{register['alias']}"})
+                alias = register.get("alias")
+                tags = {CHECKPOINT_TAG: result["model_uri"]}
+                version = tracker.register_model(register["name"], model, alias, run, tags)
+                reference = f"models:/{register['name']}" + (f"@{alias}" if alias else "")
+                tracker.set_tags(run, {"vitflow.registered_model": reference})
             done = {
                 "kind": kind,
                 "name": run_name,
@@ -178,12 +183,12 @@ def train_task(
             }
             write_done(uri, done)
         except BaseException:
-            finish_stage_run(tracker, run, "FAILED")
+            tracker.finish(run, "FAILED")
             raise
         finally:
             if monitor is not None:
                 monitor.finish()
-        finish_stage_run(tracker, run)
+        tracker.finish(run)
         return done
 
 

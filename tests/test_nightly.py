@@ -58,7 +58,7 @@ def register_candidate(stack: ServedStack, name: str, degraded: bool) -> str:
         for key, value in stack.s3.items():
             mp.setenv(key, value)
         save_checkpoint(uri, model, {"candidate": name})
-    return register_model(stack.mlflow, MODEL, "candidate", uri, None)
+        return register_model(stack.mlflow, MODEL, "candidate", uri)  # reads the checkpoint back from S3
 
 
 def trigger_nightly(stack: ServedStack) -> dict[str, Any]:

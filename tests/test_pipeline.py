@@ -160,9 +160,13 @@ def test_benchmark_end_to_end_on_s3_and_mlflow_server(prefect_server, mlflow_ser
     final = runs["finetune:synth/natural_objects:lr=0.03"]
     assert 0.0 <= final.data.metrics["test/top1"] <= 1.0 and final.data.metrics["test/count"] == 60
     assert "fewshot/synth/natural_objects/5shot" in runs["fewshot:synth/natural_objects"].data.metrics
-    # the pre-trained model is registered with an alias that resolves to its checkpoint in S3
+    # the pre-trained model is registered with an alias: an MLflow Model of the run, whose checkpoint is in S3
     version = client.get_model_version_by_alias("pipeline-test-vit_micro_4", "candidate")
-    assert version.source.startswith(root) and storage.exists(version.source)
+    checkpoint = version.tags["vitflow.checkpoint_uri"]
+    assert version.run_id == pretrain.info.run_id and checkpoint.startswith(root) and storage.exists(checkpoint)
+    assert [o.model_id for o in pretrain.outputs.model_outputs] == [
+        m.model_id for m in client.search_logged_models([pretrain.info.experiment_id], "name = 'pretrain-vit_micro_4'")
+    ]
     # artifacts: the spec on the parent, results and report on the parent and the aggregate run (proxied to S3)
     parent_files = {f.path for f in client.list_artifacts(first["run_id"])}
     assert {"spec.json", "results.parquet", "results.csv", "report.html", "report.md"} <= parent_files
