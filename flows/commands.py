@@ -364,8 +364,10 @@ def deploy(
     UTC; `VITFLOW_NIGHTLY_MODEL`, `VITFLOW_NIGHTLY_CRON`), prepare-datasets, and the train-stage / fewshot-stage
     jobs used by `dispatch=deployments`. Runs until interrupted. With `--work-pool`, registers them on that pool
     for workers instead (see infra/prefect.yaml)."""
+    from flows.automations import ensure_nightly_notification
     from flows.deployments import runner_deployments, serve
 
+    ensure_nightly_notification(on_message=typer.echo)
     if work_pool:
         from prefect.deployments import deploy as prefect_deploy
 
