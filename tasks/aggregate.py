@@ -302,14 +302,16 @@ def aggregate_task(
 
 
 def _summary_table(df: pd.DataFrame) -> pd.DataFrame:
-    """Benchmark x (pre-training, fine-tune or k-shot) mean accuracy: what the CLI prints at the end of a run.
-    Columns read left to right: the pre-trained model's fine-tune then its shots in increasing order, then the
-    from-scratch baseline the same way."""
+    """Benchmark x setting mean accuracy (%): what the CLI prints at the end of a run. A cell is the parent run's
+    MLflow metric ``<benchmark>/<setting>/top1``. Columns read left to right: the pre-trained model's fine-tune then
+    its shots in increasing order, then the from-scratch baseline the same way."""
+    from vit.results import setting_name
+
     if df.empty:
         return pd.DataFrame({"benchmark": []})
     labels, order = [], {}
     for pretrain, shots in zip(df["pretrain"], df["shots"], strict=True):
-        labels.append(f"{pretrain} " + ("fine-tune" if pd.isna(shots) else f"{int(shots)}-shot"))
+        labels.append(setting_name(shots, pretrain))
         order[labels[-1]] = (pretrain == SCRATCH, -1 if pd.isna(shots) else int(shots))
     df = df.assign(setting=labels)
     table = df.pivot_table(index="benchmark", columns="setting", values="value", aggfunc="mean")
@@ -324,7 +326,9 @@ def _prefect_artifacts(df: pd.DataFrame, markdown: str, target: str, ctx: Tracki
     try:
         summary = _summary_table(df).round(2).fillna("")
         create_table_artifact(
-            summary.to_dict("records"), key="results-table", description="Top-1 accuracy (%) per benchmark"
+            summary.to_dict("records"),
+            key="results-table",
+            description="Top-1 accuracy (%): MLflow's `<benchmark>/<setting>/top1`",
         )
         create_markdown_artifact(markdown, key="report", description="vitflow report")
         create_link_artifact(storage.join(target, "report.html"), key="report-html", link_text="report.html")
