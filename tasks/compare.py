@@ -202,11 +202,12 @@ def find_baseline(tracking_uri: str, experiment: str, e: Evaluation, choice: Bas
 
     if choice.kind == "best-of-last":
         tags = {"vitflow.model_ref": e.ref, "vitflow.suite": e.suite}
-        ids = [r for r in find_runs(tracking_uri, experiment, tags, last=choice.last + 1) if r != e.run_id]
+        earlier = find_runs(tracking_uri, experiment, tags, last=choice.last + 1)
+        ids = [r for r in earlier if r != e.run_id][: choice.last]
         if not ids:
             return Baseline(None, "", f"no earlier finished evaluation of {e.ref} on {e.suite}: this is the first.")
-        best = max(ids[: choice.last], key=lambda r: run_results(tracking_uri, r)["value"].mean())
-        return Baseline(best, f"the best of the last {len(ids[: choice.last])} evaluations (run {best})")
+        best = max(ids, key=lambda r: run_results(tracking_uri, r)["value"].mean())
+        return Baseline(best, f"the best of the last {len(ids)} evaluations (run {best})")
     if e.name is None:
         return Baseline(
             None, "", f"{e.ref} is not a registry reference, so it has no @{choice.alias}: use best-of-last."
