@@ -16,7 +16,7 @@ def promote(
     """Point an alias of a registered model at a version, e.g. after reviewing a nightly evaluation.
 
     The nightly transfer evaluation compares every candidate with the evaluation of the version aliased
-    `@champion`; benchmarks only register new versions, so moving an alias is always this explicit step.
+    `@champion`. A benchmark registers a new version (under the alias its spec names); `@champion` moves only here.
     Example: `vitflow promote models:/demo-vit_micro_4/3 --alias champion`."""
     from tasks.registry_ops import promote as move_alias
     from tasks.settings import default_tracking_uri

@@ -1,6 +1,5 @@
 """Registry steps a person takes on purpose: check that a reference names a registered version, and move an alias
-after a review (``vitflow promote``). A benchmark only registers new versions; which one is @champion is decided
-here."""
+after a review (``vitflow promote``). A benchmark registers new versions; which one is @champion is decided here."""
 
 from __future__ import annotations
 
