@@ -14,7 +14,7 @@ from typing import Annotated
 
 import typer
 
-from flows import commands, stack
+from flows import commands, promote, stack
 from vit.data.base import CorruptDataError, DataError
 from vit.data.sources import FORMATS, parse_source
 
@@ -173,6 +173,7 @@ def info(
 
 
 commands.register(app)
+app.command()(promote.promote)
 stack.register(app)
 
 if __name__ == "__main__":

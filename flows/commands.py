@@ -292,11 +292,11 @@ def transfer(
     threshold: Annotated[float, typer.Option(help="Regression threshold in accuracy points.")] = 1.0,
     overrides: SetOption = None,
 ) -> None:
-    """Evaluate a model on a transfer suite and compare with its previous evaluation.
+    """Evaluate a model on a transfer suite and judge it against the evaluation of the @champion version.
 
-    The suite is a preset's benchmarks (fine-tuning and/or few-shot). The comparison is with the previous finished
-    evaluation of the same model reference and suite; exit code 3 when a metric dropped by more than the threshold.
-    Runs the `transfer-eval` flow, like the nightly deployment does."""
+    The suite is a preset's benchmarks (fine-tuning and/or few-shot). The baseline is the latest evaluation on the
+    suite of the version aliased @champion (`vitflow promote` moves it); exit code 3 when a metric dropped by more
+    than both the threshold and the seeds' spread. Runs the `transfer-eval` flow, like the nightly deployment does."""
     from flows.transfer_eval import RegressionDetected, transfer_eval
 
     try:
@@ -399,8 +399,10 @@ def deploy(
     UTC; `VITFLOW_NIGHTLY_MODEL`, `VITFLOW_NIGHTLY_CRON`), prepare-datasets, and the train-stage / fewshot-stage
     jobs used by `dispatch=deployments`. Runs until interrupted. With `--work-pool`, registers them on that pool
     for workers instead (see infra/prefect.yaml)."""
+    from flows.automations import ensure_nightly_notification
     from flows.deployments import runner_deployments, serve
 
+    ensure_nightly_notification(on_message=typer.echo)
     if work_pool:
         from prefect.deployments import deploy as prefect_deploy
 

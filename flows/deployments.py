@@ -42,8 +42,10 @@ def definitions(nightly_model: str | None = None, nightly_cron: str | None = Non
         ),
         DeploymentDef(
             "transfer-eval-nightly", transfer_eval, "flows/transfer_eval.py:transfer_eval",
-            "Nightly transfer evaluation of a model reference; fails when a metric regresses beyond the threshold.",
-            {"model": model, "suite": "fewshot-nightly", "threshold": 1.0},
+            "Nightly transfer evaluation of a model reference against the @champion's evaluation; fails when a "
+            "metric drops beyond the threshold and the seeds' spread.",
+            {"model": model, "suite": "fewshot-nightly", "threshold": 1.0,
+             "baseline": {"kind": "alias", "alias": "champion", "last": 7}},
             cron=cron, tags=("vitflow", "nightly"),
         ),
         DeploymentDef(

@@ -25,10 +25,10 @@ from tasks.common import (
     start_stage_run,
     write_done,
 )
+from tasks.tracking import Tracker
 from vit import storage
 from vit.configs import is_bit
-
-SCRATCH = "scratch"
+from vit.results import SCRATCH
 
 
 def result_records(run_id: str, model: str, pretrain: str, results: dict[str, Any]) -> list[dict[str, Any]]:
@@ -59,36 +59,25 @@ def result_records(run_id: str, model: str, pretrain: str, results: dict[str, An
     return rows
 
 
-def headline_metrics(df: pd.DataFrame, groups: dict[str, str | None]) -> dict[str, float]:
-    """Parent-run metrics: per benchmark and group, mean over seeds, for the pre-trained model (fraction in [0,1])."""
-    from vit.vtab import _BY_NAME, vtab_summary
+def log_results_to_parent(
+    tracker: Tracker, ctx: TrackingContext, df: pd.DataFrame, groups: dict[str, str | None]
+) -> dict[str, float]:
+    """Every result on the flow's parent run under one name (``vit.results.metric_name``, percent), so MLflow's
+    compare view and charts show several runs' accuracies side by side without opening children; few-shot
+    accuracy also as a curve over shots (step = shots); the paper's number for a cell as tag ``paper/<name>``.
+    Returns the metrics (the flow's headline)."""
+    from vit.results import fewshot_curves, paper_cells, run_metrics
 
-    ours = df[(df["pretrain"] != SCRATCH)]
-    out: dict[str, float] = {}
-    finetune = ours[ours["shots"].isna()].groupby("benchmark")["value"].mean() / 100
-    for bench, value in finetune.items():
-        out[f"test/top1/{bench}"] = float(value)
-    vtab = {b.split("/", 1)[1]: v for b, v in finetune.items() if b.startswith("vtab/") and b[5:] in _BY_NAME}
-    if vtab:
-        summary = vtab_summary(vtab)
-        out.update({f"vtab/{task}": float(v) for task, v in vtab.items()})
-        out.update(
-            {
-                f"vtab/{g}": float(summary[g])
-                for g in ("natural", "specialized", "structured", "mean")
-                if summary.get(g) is not None
-            }
-        )
-    grouped: dict[str, list[float]] = {}
-    for bench, value in finetune.items():
-        if groups.get(bench):
-            grouped.setdefault(groups[bench], []).append(float(value))
-    for group, values in grouped.items():
-        out[f"suite/{group}"] = sum(values) / len(values)
-    few = ours[ours["shots"].notna()].groupby(["benchmark", "shots"])["value"].mean() / 100
-    for (bench, shots), value in few.items():
-        out[f"fewshot/{bench}/{int(shots)}shot"] = float(value)
-    return out
+    metrics = run_metrics(df, groups)
+    if ctx.parent_run_id:
+        parent = tracker.existing_run(ctx.parent_run_id, "parent")
+        tracker.log_metrics(parent, metrics)
+        for name, points in fewshot_curves(df).items():
+            for shots, value in points.items():
+                tracker.log_metrics(parent, {name: value}, step=shots)
+        if paper := paper_cells(df):
+            tracker.set_tags(parent, {f"paper/{name}": cell for name, cell in paper.items()})
+    return metrics
 
 
 def training_curves(stage_uris: dict[str, str]) -> pd.DataFrame:
@@ -265,7 +254,7 @@ def aggregate_task(
         df = results_frame(pd.DataFrame(records, columns=list(RESULT_COLUMNS)))
         benches = {b["name"]: b for b in spec["transfer"]["benchmarks"]}
         groups = {name: datasets[b["dataset"]["name"]].get("vtab_group") for name, b in benches.items()}
-        headline = headline_metrics(df, groups)
+        headline = log_results_to_parent(tracker, ctx, df, groups)
 
         plots = cached_plots(spec, df, results, pretrained, datasets, model_uri)
 
@@ -313,14 +302,16 @@ def aggregate_task(
 
 
 def _summary_table(df: pd.DataFrame) -> pd.DataFrame:
-    """Benchmark x (pre-training, fine-tune or k-shot) mean accuracy: what the CLI prints at the end of a run.
-    Columns read left to right: the pre-trained model's fine-tune then its shots in increasing order, then the
-    from-scratch baseline the same way."""
+    """Benchmark x setting mean accuracy (%): what the CLI prints at the end of a run. A cell is the parent run's
+    MLflow metric ``<benchmark>/<setting>/top1``. Columns read left to right: the pre-trained model's fine-tune then
+    its shots in increasing order, then the from-scratch baseline the same way."""
+    from vit.results import setting_name
+
     if df.empty:
         return pd.DataFrame({"benchmark": []})
     labels, order = [], {}
     for pretrain, shots in zip(df["pretrain"], df["shots"], strict=True):
-        labels.append(f"{pretrain} " + ("fine-tune" if pd.isna(shots) else f"{int(shots)}-shot"))
+        labels.append(setting_name(shots, pretrain))
         order[labels[-1]] = (pretrain == SCRATCH, -1 if pd.isna(shots) else int(shots))
     df = df.assign(setting=labels)
     table = df.pivot_table(index="benchmark", columns="setting", values="value", aggfunc="mean")
@@ -335,7 +326,9 @@ def _prefect_artifacts(df: pd.DataFrame, markdown: str, target: str, ctx: Tracki
     try:
         summary = _summary_table(df).round(2).fillna("")
         create_table_artifact(
-            summary.to_dict("records"), key="results-table", description="Top-1 accuracy (%) per benchmark"
+            summary.to_dict("records"),
+            key="results-table",
+            description="Top-1 accuracy (%): MLflow's `<benchmark>/<setting>/top1`",
         )
         create_markdown_artifact(markdown, key="report", description="vitflow report")
         create_link_artifact(storage.join(target, "report.html"), key="report-html", link_text="report.html")

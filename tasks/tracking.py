@@ -217,7 +217,9 @@ class Tracker:
         if exp is not None:
             return exp.experiment_id
         try:
-            return self.client.create_experiment(name, artifact_location=artifact_location)
+            return self.client.create_experiment(
+                name, artifact_location, {"mlflow.experimentKind": "custom_model_development"}
+            )
         except Exception:  # noqa: BLE001 - created concurrently by another flow run
             exp = self.client.get_experiment_by_name(name)
             if exp is None:

@@ -29,8 +29,10 @@ REPO = Path(__file__).resolve().parent.parent
 TERMINAL = {"COMPLETED", "FAILED", "CRASHED", "CANCELLED"}
 DEPLOYMENTS = {"benchmark", "transfer-eval-nightly", "prepare-datasets", "train-stage", "fewshot-stage"}
 SERVED_BUCKET = "ops-test"
-# Server loops the tests never need (schedules, late runs, automations, ...): off, to spare the CI's two cores.
-IDLE_SERVICES = ("SCHEDULER", "LATE_RUNS", "TRIGGERS", "CANCELLATION_CLEANUP", "PAUSE_EXPIRATIONS", "DB_VACUUM")
+# Server loops the tests never need (schedules, late runs, ...): off, to spare the CI's two cores. The triggers
+# service stays on: it evaluates automations (the nightly's failure notification) and runs their actions.
+IDLE_SERVICES = ("SCHEDULER", "LATE_RUNS", "CANCELLATION_CLEANUP", "PAUSE_EXPIRATIONS", "DB_VACUUM")
+NOTIFY_BLOCK = "custom-webhook/vitflow-nightly-test"
 
 
 def free_port() -> int:
@@ -156,6 +158,49 @@ def servers(home: Path) -> Iterator[tuple[str, str]]:
         yield api, mlflow_url
 
 
+class WebhookListener:
+    """A local HTTP server (``http.server``) that records the JSON bodies POSTed to it: the receiving end of a
+    notification block."""
+
+    def __init__(self) -> None:
+        import http.server
+        import threading
+
+        received = self.received = []
+
+        class Handler(http.server.BaseHTTPRequestHandler):
+            def do_POST(self) -> None:  # noqa: N802 - http.server's name
+                received.append(json.loads(self.rfile.read(int(self.headers["Content-Length"]))))
+                self.send_response(200)
+                self.end_headers()
+
+            def log_message(self, *args: Any) -> None:
+                pass
+
+        self.server = http.server.ThreadingHTTPServer(("127.0.0.1", 0), Handler)
+        self.url = f"http://127.0.0.1:{self.server.server_address[1]}/hook"
+        threading.Thread(target=self.server.serve_forever, daemon=True).start()
+
+    def wait(self, count: int = 1, timeout: float = 120) -> list[dict[str, Any]]:
+        """The bodies received, once there are ``count`` (the automation acts asynchronously)."""
+        deadline = time.monotonic() + timeout
+        while len(self.received) < count and time.monotonic() < deadline:
+            time.sleep(0.5)
+        return list(self.received)
+
+
+def save_notify_block(api: str, url: str) -> None:
+    """The notification block a user configures: a custom webhook (private URLs such as loopback are allowed)."""
+    from prefect.blocks.notifications import CustomWebhookNotificationBlock
+    from prefect.settings import PREFECT_API_URL, temporary_settings
+
+    block = CustomWebhookNotificationBlock(
+        name="vitflow nightly", url=url, json_data={"subject": "{{subject}}", "body": "{{body}}"}
+    )
+    with temporary_settings(updates={PREFECT_API_URL: api}):
+        block.save(NOTIFY_BLOCK.split("/")[1], overwrite=True)
+
+
 @dataclass(frozen=True)
 class ServedStack:
     api: str  # Prefect API
@@ -164,6 +209,7 @@ class ServedStack:
     s3: dict[str, str]  # the S3 environment the served runs use
     artifact_root: str
     serve_log: Path
+    webhook: WebhookListener  # receives the notifications of the automations `vitflow deploy` created
 
 
 def served_deployments(api: str) -> set[str]:
@@ -186,6 +232,8 @@ def served_stack(tmp_path_factory, moto_endpoint) -> Iterator[ServedStack]:
         storage.ensure_bucket(f"s3://{SERVED_BUCKET}")
     root = f"s3://{SERVED_BUCKET}/vitflow"
     with servers(home) as (api, mlflow_url):
+        webhook = WebhookListener()
+        save_notify_block(api, webhook.url)
         env = {
             **prefect_env(home / "client", api),
             **s3,
@@ -193,8 +241,10 @@ def served_stack(tmp_path_factory, moto_endpoint) -> Iterator[ServedStack]:
             "VITFLOW_ARTIFACT_ROOT": root,
             "VITFLOW_HOME": str(home / "vitflow"),
             "PREFECT_RUNNER_POLL_FREQUENCY": "2",
+            "VITFLOW_NOTIFY_BLOCK": NOTIFY_BLOCK,
         }
         log = home / "serve.log"
         with background([str(BIN / "vitflow"), "deploy"], env, log, cwd=REPO) as proc:
             wait_until(lambda: served_deployments(api) == DEPLOYMENTS, "vitflow deploy", [(proc, log)])
-            yield ServedStack(api, api.removesuffix("/api"), mlflow_url, s3, root, log)
+            yield ServedStack(api, api.removesuffix("/api"), mlflow_url, s3, root, log, webhook)
+        webhook.server.shutdown()

@@ -1,9 +1,13 @@
-"""The nightly transfer evaluation, triggered through its deployment on the served stack (real `prefect server`,
-`vitflow deploy`, `mlflow server`, S3): a candidate registered in MLflow is evaluated, then a deliberately degraded
-checkpoint takes the alias and the next evaluation of the same reference fails, naming what regressed."""
+"""The nightly transfer evaluation, triggered through its deployment on the served stack (real `prefect server` with
+its triggers service, `vitflow deploy`, `mlflow server`, S3, a local webhook listener): with nothing registered it
+fails saying what to register and the team's webhook hears of it; a good candidate is evaluated, promoted to
+@champion after the review, then a degraded checkpoint takes @candidate and the next night fails against the
+champion's evaluation, naming what regressed, saying the alias moved, and notifying the webhook again. (A candidate
+whose drop stays within the seeds' spread is not flagged: tests/test_compare.py.)"""
 
 from __future__ import annotations
 
+import json
 from typing import Any
 
 import pytest
@@ -83,41 +87,69 @@ def mlflow_run(stack: ServedStack, flow_run: dict[str, Any]):
     return run
 
 
-def regression_artifacts(stack: ServedStack, flow_run: dict[str, Any]) -> list[dict[str, Any]]:
-    return api_post(
+def artifact(stack: ServedStack, flow_run: dict[str, Any], key: str) -> dict[str, Any]:
+    (found,) = api_post(
         f"{stack.api}/artifacts/filter",
-        {"artifacts": {"key": {"any_": ["regression"]}, "flow_run_id": {"any_": [flow_run["id"]]}}},
+        {"artifacts": {"key": {"any_": [key]}, "flow_run_id": {"any_": [flow_run["id"]]}}},
     )
+    return found
 
 
-def test_nightly_evaluation_flags_a_degraded_checkpoint(served_stack):
+def promote(stack: ServedStack, version: str) -> str:
+    from typer.testing import CliRunner
+
+    from flows.cli import app
+
+    result = CliRunner().invoke(
+        app, ["promote", f"models:/{MODEL}/{version}", "--alias", "champion"], env={"MLFLOW_TRACKING_URI": stack.mlflow}
+    )
+    assert result.exit_code == 0, result.output
+    return result.output.strip()
+
+
+def test_nightly_evaluation_judges_candidates_against_the_champion_and_notifies_failures(served_stack):
     stack = served_stack
+    assert "failed nightly runs notify custom-webhook/" in stack.serve_log.read_text()  # `vitflow deploy` made it
+    # nothing registered yet: one sentence says what to register, and the automation posts to the webhook
+    unregistered = trigger_nightly(stack)
+    assert unregistered["state_type"] == "FAILED"
+    assert f"No model named {MODEL!r} is registered" in unregistered["state"]["message"]
+    (notice,) = stack.webhook.wait(1)
+    assert unregistered["name"] in notice["subject"] and "Failed" in notice["body"]
+    assert "transfer-eval-nightly" in notice["body"] and "No model named" in notice["body"]
+
     assert register_candidate(stack, "good", degraded=False) == "1"
     first = trigger_nightly(stack)
     assert first["state_type"] == "COMPLETED", stack.serve_log.read_text()[-6000:]
     assert first["deployment_id"] and first["parameters"]["model"] == REFERENCE
-    baseline = mlflow_run(stack, first)
-    assert baseline.info.status == "FINISHED"
-    assert baseline.data.tags["vitflow.regression"] == "false"
-    assert baseline.data.tags["vitflow.model_version"] == "1"
-    assert not regression_artifacts(stack, first)
+    champion = mlflow_run(stack, first)
+    assert champion.data.tags["vitflow.regression"] == "false" and champion.data.tags["vitflow.model_version"] == "1"
+    assert f"{BENCH}/5shot/top1" in champion.data.metrics  # one name per benchmark and setting, in percent
+    assert 1.0 < champion.data.metrics[f"{BENCH}/5shot/top1"] <= 100.0
+    summary = artifact(stack, first, "nightly-summary")["data"]
+    assert f"version 1 of {MODEL}" in summary and f"vitflow promote models:/{MODEL}/1 --alias champion" in summary
 
-    assert register_candidate(stack, "degraded", degraded=True) == "2"
+    assert promote(stack, "1") == f"models:/{MODEL}@champion moved from no version to version 1"
+    assert register_candidate(stack, "degraded", degraded=True) == "2"  # @candidate moves to version 2
     second = trigger_nightly(stack)
-    # the flow run fails, saying why
     assert second["state_type"] == "FAILED", stack.serve_log.read_text()[-6000:]
     message = second["state"]["message"]
     assert "RegressionDetected" in message and f"dropped by more than {THRESHOLD} points" in message, message
-    assert baseline.info.run_id in message and BENCH in message
-    # the MLflow run is tagged with what regressed
+    assert f"models:/{MODEL}@champion (version 1, run {champion.info.run_id})" in message
+    assert "moved from version 1" in message
     regressed_run = mlflow_run(stack, second)
     assert regressed_run.info.status == "FAILED"
-    assert regressed_run.data.tags["vitflow.regression"] == "true"
-    assert regressed_run.data.tags["vitflow.model_version"] == "2"
-    regressed = regressed_run.data.tags["vitflow.regressed"].split(", ")
-    assert any(m.startswith(BENCH) for m in regressed), regressed
-    assert all(m in message for m in regressed)
-    # the Prefect artifact of the failed run names the regressed metrics and the run compared with
-    (artifact,) = regression_artifacts(stack, second)
-    assert artifact["type"] == "markdown"
-    assert all(m in artifact["data"] for m in regressed) and baseline.info.run_id in artifact["data"]
+    tags = regressed_run.data.tags
+    assert tags["vitflow.regression"] == "true" and tags["vitflow.model_version"] == "2"
+    assert tags["vitflow.alias_moved"] == "true" and tags["vitflow.baseline_run"] == champion.info.run_id
+    regressed = tags["vitflow.regressed"].split(", ")
+    assert all(m.startswith(BENCH) for m in regressed) and all(m in message for m in regressed)
+    # the comparison is a table artifact, regressed rows first
+    table = artifact(stack, second, "nightly-comparison")
+    assert table["type"] == "table"
+    rows = json.loads(table["data"])
+    flags = [row["regressed"] for row in rows]
+    assert flags[: len(regressed)] == ["REGRESSED"] * len(regressed) and "REGRESSED" not in flags[len(regressed) :]
+    assert [row["metric"] for row in rows[: len(regressed)]] == regressed
+    # the failed night reaches the webhook too
+    assert len(stack.webhook.wait(2)) == 2 and second["name"] in stack.webhook.received[1]["subject"]

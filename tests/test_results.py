@@ -372,8 +372,8 @@ def _runs() -> pd.DataFrame:
 
 def test_compare_runs_flags_regressions_beyond_the_threshold_only():
     table = R.compare_runs(_runs(), runs=["base", "new"], threshold=0.5)
-    assert table.index.tolist() == ["imagenet/test/top1", "cifar10/test/top1", "cifar10/train/loss"]
-    assert table.columns.tolist() == ["base", "new", "Δ new", "regressed"]
+    assert table.index.tolist() == ["imagenet/finetune/top1", "cifar10/finetune/top1", "cifar10/finetune/train_loss"]
+    assert table.columns.tolist() == ["base", "new", "Δ new", "spread", "regressed"]
     assert table["Δ new"].round(6).tolist() == [-0.4, -0.6, 1.5]
     assert table["regressed"].tolist() == [False, True, False]
     assert not R.compare_runs(_runs(), runs=["base", "new"], threshold=0.7)["regressed"].any()
@@ -381,11 +381,11 @@ def test_compare_runs_flags_regressions_beyond_the_threshold_only():
 
 def test_compare_runs_against_previous_run_or_a_baseline():
     previous = R.compare_runs(_runs())  # newer vs new: imagenet drops 1.6
-    assert previous.columns.tolist() == ["base", "new", "newer", "Δ new", "Δ newer", "regressed"]
+    assert previous.columns.tolist() == ["base", "new", "newer", "Δ new", "Δ newer", "spread", "regressed"]
     assert previous["Δ newer"].round(6).tolist() == [-1.6, 0.1, -1.6]
     assert previous["regressed"].tolist() == [True, True, False]
     baseline = R.compare_runs(_runs(), runs=["newer"], baseline_run="base")
-    assert baseline.columns.tolist() == ["base", "newer", "Δ newer", "regressed"]
+    assert baseline.columns.tolist() == ["base", "newer", "Δ newer", "spread", "regressed"]
     assert baseline["regressed"].tolist() == [True, False, False]  # imagenet -2.0; cifar10 -0.5 is within
     with pytest.raises(ValueError, match="not in the results"):
         R.compare_runs(_runs(), runs=["nope"])
@@ -435,3 +435,39 @@ def test_report_embeds_plots_and_tables(tmp_path):
     assert (tmp_path / "report" / "plots" / "Attention_distance.png").read_bytes() == png
     with pytest.raises(ValueError, match="PNG"):
         build_report(results, {"bad": b"not a png"})
+
+
+def test_compare_runs_flags_only_drops_beyond_the_seeds_spread():
+    seeds = {"base": (90.0, 94.0, 86.0), "noisy": (87.0, 91.0, 83.0), "worse": (80.0, 84.0, 76.0)}  # std 4.0
+    df = R.results_frame(
+        [_record(run=run, value=v, seed=i) for run, values in seeds.items() for i, v in enumerate(values)]
+    )
+    table = R.compare_runs(df, runs=["noisy", "worse"], baseline_run="base", threshold=1.0)
+    assert table["spread"].tolist() == [4.0]
+    assert table["Δ noisy"].tolist() == [-3.0] and table["Δ worse"].tolist() == [-10.0]
+    assert R.compare_runs(df, runs=["noisy"], baseline_run="base", threshold=1.0)["regressed"].tolist() == [False]
+    assert R.compare_runs(df, runs=["worse"], baseline_run="base", threshold=1.0)["regressed"].tolist() == [True]
+
+
+def test_run_metrics_name_every_benchmark_and_setting_in_percent():
+    df = R.results_frame(
+        [_record(value=98.0 + s, seed=s) for s in range(3)]
+        + [_record(pretrain="scratch", value=60.0, seed=0)]
+        + [_record(benchmark="vtab/dtd", value=40.0 + k, seed=0, shots=k) for k in (1, 5)]
+        + [_record(benchmark="vtab/eurosat", value=80.0, seed=0, shots=5)]
+    )
+    metrics = R.run_metrics(df, {"vtab/dtd": "natural", "vtab/eurosat": "specialized"})
+    assert metrics == {
+        "cifar10/finetune/top1": 99.0,
+        "cifar10/finetune-scratch/top1": 60.0,
+        "vtab/dtd/1shot/top1": 41.0,
+        "vtab/dtd/5shot/top1": 45.0,
+        "vtab/eurosat/5shot/top1": 80.0,
+        "vtab/natural/1shot/top1": 41.0,
+        "vtab/natural/5shot/top1": 45.0,
+        "vtab/specialized/5shot/top1": 80.0,
+        "vtab/mean/1shot/top1": 41.0,
+        "vtab/mean/5shot/top1": 62.5,
+    }
+    assert R.fewshot_curves(df) == {"vtab/dtd/fewshot/top1": {1: 41.0, 5: 45.0}, "vtab/eurosat/fewshot/top1": {5: 80.0}}
+    assert R.paper_cells(df) == {"cifar10/finetune/top1": "98.95 (T5)"}  # ViT-B/16 (I21k), Table 5

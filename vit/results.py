@@ -38,6 +38,7 @@ _SETUP = ["model", "pretrain", "benchmark", "split", "metric", "shots"]  # what 
 
 PAPER_TABLE_ORDER = ("table5", "table2", "table6", "table9")
 HIGHER_IS_BETTER = frozenset({"top1", "top5", "accuracy"})
+SCRATCH = "scratch"  # the ``pretrain`` of the from-scratch baseline's rows
 
 _PRETRAIN_KEYS = {
     **dict.fromkeys(("imagenet", "i1k", "in1k", "imagenet1k", "imagenet2012", "ilsvrc2012"), "imagenet"),
@@ -369,13 +370,70 @@ def fewshot_table(results: pd.DataFrame, metric: str = "top1", split: str = "tes
 
 
 # --------------------------------------------------------------------------------------------------------------
-# Comparing runs
+# Comparing runs: one name per number, in MLflow, the Prefect artifacts and the report
 
 
-def metric_name(benchmark: str, split: str, metric: str, shots: float | None = None) -> str:
-    """One result's name across runs, e.g. ``cifar10/test/top1`` or ``cifar100/test/top1/5shot``."""
-    name = f"{benchmark}/{split}/{metric}"
-    return name if pd.isna(shots) else f"{name}/{int(shots)}shot"
+def setting_name(shots: float | None, pretrain: str) -> str:
+    """``finetune`` or ``<k>shot``; ``-scratch`` marks the from-scratch baseline's numbers."""
+    base = "finetune" if pd.isna(shots) else f"{int(shots)}shot"
+    return f"{base}-scratch" if pretrain == SCRATCH else base
+
+
+def metric_name(benchmark: str, setting: str, metric: str = "top1", split: str = "test") -> str:
+    """``<benchmark>/<setting>/<metric>``, e.g. ``cifar10/finetune/top1``, ``cifar10/10shot/top1``,
+    ``vtab/natural/finetune/top1``; a split other than ``test`` prefixes the metric (``cifar10/finetune/val_top1``).
+    Values under these names are percentages."""
+    return f"{benchmark}/{setting}/{metric if split == 'test' else f'{split}_{metric}'}"
+
+
+def curve_name(benchmark: str, pretrain: str, metric: str = "top1") -> str:
+    """Few-shot accuracy over shots as one metric whose step is the number of shots: ``cifar10/fewshot/top1``."""
+    return metric_name(benchmark, "fewshot" + ("-scratch" if pretrain == SCRATCH else ""), metric)
+
+
+def _named(results: pd.DataFrame) -> pd.DataFrame:
+    settings = [setting_name(s, p) for s, p in zip(results["shots"], results["pretrain"], strict=True)]
+    columns = zip(results["benchmark"], settings, results["metric"], results["split"], strict=True)
+    return results.assign(name=[metric_name(*c) for c in columns])
+
+
+def run_metrics(results: pd.DataFrame, groups: Mapping[str, str | None]) -> dict[str, float]:
+    """One number per benchmark and setting (mean over seeds), and VTAB group means: ``vtab/<group>/<setting>/...``
+    over the benchmarks ``groups`` puts in a VTAB group, ``vtab/mean/...`` over all of them (Table 9's "Mean")."""
+    rows = _named(results)
+    means = rows.groupby("name", sort=False)["value"].mean()
+    out = {str(name): float(value) for name, value in means.items()}
+    pooled: dict[str, list[float]] = {}
+    for bench, name in dict.fromkeys(zip(rows["benchmark"], rows["name"], strict=True)):
+        if group := groups.get(bench):
+            tail = name.removeprefix(f"{bench}/")
+            for key in (f"vtab/{group}/{tail}", f"vtab/mean/{tail}"):
+                pooled.setdefault(key, []).append(out[name])
+    out.update({key: float(np.mean(values)) for key, values in pooled.items()})
+    return out
+
+
+def fewshot_curves(results: pd.DataFrame) -> dict[str, dict[int, float]]:
+    """``curve_name`` -> {shots: mean accuracy over seeds}, for MLflow's chart of accuracy over shots."""
+    few = results[results["shots"].notna() & (results["split"] == "test")]
+    means = few.groupby(["benchmark", "pretrain", "metric", "shots"])["value"].mean()
+    curves: dict[str, dict[int, float]] = {}
+    for (bench, pretrain, metric, shots), value in means.items():
+        curves.setdefault(curve_name(bench, pretrain, metric), {})[int(shots)] = float(value)
+    return curves
+
+
+def paper_cells(results: pd.DataFrame, decimals: int = 2) -> dict[str, str]:
+    """``metric_name`` -> the paper's number for the same cell, e.g. ``"99.00 ± 0.06 (T5)"``, where it has one."""
+    summary = with_paper_numbers(
+        _named(results)
+        .groupby([*_SETUP, "name"], dropna=False)["value"]
+        .mean()
+        .reset_index()
+        .rename(columns={"value": "mean"})
+    )
+    found = summary[summary["paper"].notna()]
+    return {r.name: _paper_cell(r.paper, r.paper_std, r.paper_table, decimals) for r in found.itertuples(index=False)}
 
 
 def compare_runs(
@@ -385,14 +443,16 @@ def compare_runs(
     threshold: float = 0.5,
     higher_is_better: Collection[str] = HIGHER_IS_BETTER,
 ) -> pd.DataFrame:
-    """Metrics side by side, one column per run (mean over its seeds), with deltas and a ``regressed`` flag.
+    """Metrics side by side, one column per run (mean over its seeds), with deltas, the seeds' spread and a
+    ``regressed`` flag.
 
     ``runs`` picks and orders the runs (default: order of appearance; a ``baseline_run`` not among them goes
     first). Each other run gets a "Δ <run>" column: the difference to ``baseline_run`` when given, else to the run
     before it. Rows are ``metric_name``s; a run's rows for several models would be averaged, so compare runs of
-    one model each. ``regressed`` is True where a metric named in ``higher_is_better`` drops by MORE than
-    ``threshold`` in any delta column; values are percentages, so the threshold is in absolute percentage points.
-    A metric missing from a run has no delta and is not flagged.
+    one model each. ``spread`` is the largest standard deviation over seeds among the runs (0 for single seeds).
+    ``regressed`` is True where a metric named in ``higher_is_better`` drops by MORE than both ``threshold`` and
+    ``spread`` in any delta column: a drop within the seeds' noise is not a regression. Values are percentages,
+    so both are in absolute percentage points. A metric missing from a run has no delta and is not flagged.
     """
     runs = list(dict.fromkeys(results["run"])) if runs is None else list(runs)
     if baseline_run is not None and baseline_run not in runs:
@@ -400,11 +460,12 @@ def compare_runs(
     unknown = set(runs) - set(results["run"])
     if unknown:
         raise ValueError(f"runs not in the results: {sorted(unknown)}")
-    rows = results[results["run"].isin(runs)]
-    names = [metric_name(*r) for r in zip(rows["benchmark"], rows["split"], rows["metric"], rows["shots"], strict=True)]
-    rows = rows.assign(name=names)
-    table = rows.pivot_table(index="name", columns="run", values="value", aggfunc="mean")[runs]
-    table = table.loc[sorted(table.index, key=lambda n: (_benchmark_rank(benchmark_key(n.split("/")[0])), n))]
+    rows = _named(results[results["run"].isin(runs)])
+    stats = rows.groupby(["name", "run"])["value"].agg(["mean", "std"])
+    table = stats["mean"].unstack("run")[runs]
+    spread = stats["std"].unstack("run").reindex(columns=runs).max(axis=1).fillna(0.0)
+    order = sorted(table.index, key=lambda n: (_benchmark_rank(benchmark_key(n.split("/")[0])), n))
+    table, spread = table.loc[order], spread.loc[order]
     metric_of = dict(zip(rows["name"], rows["metric"], strict=True))
     regressed = pd.Series(False, index=table.index)
     watched = table.index.map(lambda n: metric_of[n] in higher_is_better)
@@ -414,7 +475,8 @@ def compare_runs(
             continue
         delta = table[run] - table[reference]
         table[f"Δ {run}"] = delta
-        regressed |= (delta < -threshold) & watched
+        regressed |= (delta < -threshold) & (delta < -spread) & watched
+    table["spread"] = spread
     table["regressed"] = regressed
     return table.rename_axis(index="metric", columns=None)
 
