@@ -409,6 +409,11 @@ def check_writable(root: str) -> None:
     _s3(lambda: client.delete_object(Bucket=bucket, Key=key), root)
 
 
+def sha256_file(path: str | os.PathLike) -> str:
+    with open(path, "rb") as f:
+        return hashlib.file_digest(f, "sha256").hexdigest()
+
+
 def cache_dir() -> Path:
     return Path(os.environ.get("VITFLOW_CACHE", Path.home() / ".cache" / "vitflow"))
 
