@@ -40,7 +40,7 @@ def fewshot_stage(
     shots: list[int],
     seeds: list[int],
     l2: float,
-    image_size: int,
+    image_size: int | None,  # None: the checkpoint's own resolution
     artifact_root: str,
     tracking: dict[str, Any],
     tags: dict[str, str] | None = None,
