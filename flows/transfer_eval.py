@@ -18,6 +18,7 @@ from flows.presets import build_spec
 from tasks.common import run_logger
 from tasks.compare import compare, find_runs, regressed_metrics
 from tasks.models import resolve_model_ref
+from tasks.stages import RunSummary
 from vit.results import to_markdown
 
 
@@ -28,7 +29,7 @@ class RegressionDetected(RuntimeError):
 @flow(name="transfer-eval", log_prints=True)
 def transfer_eval(
     model: str, suite: str = "fewshot-nightly", threshold: float = 1.0, overrides: dict[str, Any] | None = None
-) -> dict[str, Any]:
+) -> RunSummary:
     """Evaluate ``model`` on the transfer suite of preset ``suite`` and compare with the previous evaluation of
     the same model reference and suite; fails on a drop of more than ``threshold`` percentage points."""
     logger = run_logger()
@@ -43,29 +44,29 @@ def transfer_eval(
     status = "FAILED"
     try:
         tracker.set_tags(parent, {f"vitflow.{k}": v for k, v in resolved.items()})
-        tracking = ctx.to_dict()
+        tracking = ctx
         datasets = prepare_datasets(spec=spec, tracking=tracking)
         runner = ThreadPoolTaskRunner(max_workers=spec.compute.max_parallel)
         results = transfer.with_options(task_runner=runner)(spec, tracking, datasets, {"pretrained": source})
         summary = aggregate(spec, tracking, results, None, datasets, source)
-        tracker.log_metrics(parent, summary["headline"])
-        tracker.set_tags(parent, {"vitflow.results_uri": summary["results_uri"]})
+        tracker.log_metrics(parent, summary.headline)
+        tracker.set_tags(parent, {"vitflow.results_uri": summary.results_uri})
         tracker.flush()
         previous = [r for r in find_runs(ctx.tracking_uri, spec.experiment, ref_tags, last=2) if r != parent.id][:1]
         regressions: list[str] = []
         if previous and parent.id:
             table = compare(ctx.tracking_uri, [previous[0], parent.id], threshold, baseline=previous[0])
             regressions = regressed_metrics(table)
-            summary["comparison"] = to_markdown(table)
-            logger.info("compared with run %s:\n%s", previous[0], summary["comparison"])
-        summary["regressions"] = regressions
+            summary.comparison = to_markdown(table)
+            logger.info("compared with run %s:\n%s", previous[0], summary.comparison)
+        summary.regressions = regressions
         if regressions:
             message = (
                 f"{model} on {suite}: {len(regressions)} metric(s) dropped by more than {threshold} points "
                 f"since run {previous[0]}: {', '.join(regressions)}"
             )
             tracker.set_tags(parent, {"vitflow.regression": "true", "vitflow.regressed": ", ".join(regressions)})
-            _regression_artifact(message, summary.get("comparison", ""))
+            _regression_artifact(message, summary.comparison or "")
             raise RegressionDetected(message)
         tracker.set_tags(parent, {"vitflow.regression": "false"})
         status = "FINISHED"
