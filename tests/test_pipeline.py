@@ -183,7 +183,7 @@ def test_benchmark_end_to_end_on_s3_and_mlflow_server(prefect_server, mlflow_ser
     with get_client(sync_client=True) as prefect:
         stages = [
             r
-            for r in prefect.read_task_runs(limit=500)
+            for r in prefect.read_task_runs(limit=200)
             if r.created >= rerun_started and r.name.startswith(("pretrain ", "finetune ", "fewshot "))
         ]
     assert len(stages) == len(trained) and {r.state.name for r in stages} == {"Cached"}
