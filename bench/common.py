@@ -31,6 +31,12 @@ GOALS: list[tuple[str, str, str, str]] = [
     ("engine", "engine step vs a bare training loop", "≤ 5% overhead", "engine"),
     ("pipeline", "orchestration + tracking overhead in `vitflow run demo`", "≤ 10% of wall", "pipeline"),
     ("rerun", "unchanged re-run of the demo", "≤ 20 s", "pipeline"),
+    (
+        "pipeline-simulated",
+        "benchmark flow makespan vs its critical path, simulated stage durations",
+        "≤ 1.1×",
+        "pipeline-simulated",
+    ),
     ("fewshot", "few-shot feature extraction; ridge solve, 1,000 classes × 25 shots", "solve ≤ 2 s", "fewshot"),
     ("memory", "peak training memory per model size, with and without gradient checkpointing", "reported", "memory"),
     ("gpu", "GPU: ViT-B/16 and L/16 bf16 + compile training at 224 and 384", "≥ 45% MFU for B/16 on H100", "gpu"),

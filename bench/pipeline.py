@@ -20,6 +20,7 @@ scheduling, task and tracking set-up). Then the same command runs again, unchang
 stages are reused; the median is reported.
 
     python bench/pipeline.py [--quick] [--keep DIR] [--no-write]
+    python bench/pipeline.py --simulate [--no-write]   # scheduling only: see bench/pipeline_sim.py
 """
 
 from __future__ import annotations
@@ -202,7 +203,12 @@ def main() -> None:
     parser.add_argument("--quick", action="store_true", help="the demo with few training steps (a smoke run)")
     parser.add_argument("--keep", type=Path, help="run in this folder and keep it (default: a temporary one)")
     parser.add_argument("--no-write", action="store_true", help="print only; do not rewrite docs/PERFORMANCE.md")
+    parser.add_argument("--simulate", action="store_true", help="simulated stage durations: makespan vs critical path")
     args = parser.parse_args()
+    if args.simulate:
+        from bench.pipeline_sim import main as simulate
+
+        return simulate(write=not args.no_write)
     sets = QUICK if args.quick else []
     home = args.keep or Path(tempfile.mkdtemp(prefix="vitflow-bench-pipeline-"))
     home.mkdir(parents=True, exist_ok=True)

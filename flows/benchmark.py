@@ -7,9 +7,11 @@ from __future__ import annotations
 
 import contextlib
 import json
+from collections import Counter
 from typing import Any, Literal
 
-from prefect import flow
+from prefect import Task, flow
+from prefect.futures import PrefectFuture, as_completed
 from prefect.task_runners import ThreadPoolTaskRunner
 
 from flows import plan
@@ -21,7 +23,16 @@ from tasks.dispatch import dispatch_fewshot_task, dispatch_train_task
 from tasks.evaluate import fewshot_task, init_checkpoint_task
 from tasks.models import resolve_model_ref
 from tasks.prepare import prepare_dataset_task
-from tasks.tracking import Tracker, flatten, git_commit, sync_pending
+from tasks.stages import (
+    DatasetRef,
+    FewshotOutcome,
+    FinetuneOutcome,
+    RunSummary,
+    TrainResult,
+    TransferResults,
+    result_store,
+)
+from tasks.tracking import RunRef, Tracker, flatten, git_commit, sync_pending
 from tasks.train import train_task
 from vit import __version__, storage
 from vit.engine.recipes import select_best_lr
@@ -30,8 +41,8 @@ from vit.engine.recipes import select_best_lr
 def preload_imports(spec: BenchmarkSpec) -> None:
     """Import what the flow's first stages import (MLflow's SQL store, the dataset and report code), for a caller
     that would otherwise sit idle, e.g. while Prefect's temporary server boots: seconds saved off every run."""
-    import vit.data.dataset  # noqa: F401
-    import vit.data.prepare  # noqa: F401
+    import vit.data.dataset
+    import vit.data.prepare
     import vit.report  # noqa: F401
 
     if spec.resolved_tracking_uri().startswith("sqlite"):
@@ -39,7 +50,9 @@ def preload_imports(spec: BenchmarkSpec) -> None:
             import mlflow.store.tracking.sqlalchemy_store  # noqa: F401
 
 
-def open_tracking(spec: BenchmarkSpec, run_name: str, extra_tags: dict[str, str] | None = None):
+def open_tracking(
+    spec: BenchmarkSpec, run_name: str, extra_tags: dict[str, str] | None = None
+) -> tuple[Tracker, RunRef, TrackingContext]:
     """The flow run's parent MLflow run, and the context its stage runs are created under."""
     from prefect.runtime import flow_run
 
@@ -75,10 +88,9 @@ def resolve(spec: BenchmarkSpec) -> BenchmarkSpec:
     )
 
 
-def _datasets(spec: BenchmarkSpec) -> dict[str, Any]:
-    items = {spec.pretrain.dataset.name: spec.pretrain.dataset} if spec.pretrain else {}
-    items.update({b.dataset.name: b.dataset for b in spec.transfer.benchmarks})
-    return items
+def _submit_prepares(spec: BenchmarkSpec, tracking: TrackingContext) -> dict[str, PrefectFuture]:
+    storage.check_writable(spec.resolved_artifact_root())
+    return {name: prepare_dataset_task.submit(stage) for name, stage in plan.dataset_stages(spec, tracking).items()}
 
 
 @flow(name="prepare-datasets", log_prints=True)
@@ -86,20 +98,14 @@ def prepare_datasets(
     preset: str = "demo",
     overrides: dict[str, Any] | None = None,
     spec: BenchmarkSpec | None = None,
-    tracking: dict[str, Any] | None = None,
-) -> dict[str, dict[str, Any]]:
+    tracking: TrackingContext | None = None,
+) -> dict[str, DatasetRef]:
     """Prepare every dataset a spec names (already-prepared ones are found by fingerprint and reused)."""
     spec = spec or resolve(build_spec(preset, overrides or {}))
-    root = spec.resolved_artifact_root()
-    storage.check_writable(root)
     parent = None
     if tracking is None:
-        tracker, parent, ctx = open_tracking(spec, "prepare-datasets", {"vitflow.preset": preset})
-        tracking = ctx.to_dict()
-    futures = {
-        name: prepare_dataset_task.submit(name, d.source, d.options, d.max_corrupt_fraction, root, tracking, spec.seed)
-        for name, d in _datasets(spec).items()
-    }
+        tracker, parent, tracking = open_tracking(spec, "prepare-datasets", {"vitflow.preset": preset})
+    futures = _submit_prepares(spec, tracking)
     try:
         return {name: f.result() for name, f in futures.items()}
     finally:
@@ -107,156 +113,133 @@ def prepare_datasets(
             tracker.finish(parent)
 
 
-@flow(name="pretrain", log_prints=True)
-def pretrain(spec: BenchmarkSpec, tracking: dict[str, Any], dataset: dict[str, Any]) -> dict[str, Any]:
-    """Pre-train on the upstream dataset (resuming from its checkpoint) and register the model with an alias."""
-    assert spec.pretrain is not None
-    config, key = plan.pretrain_config(spec, dataset["uri"])
-    register = {
-        "name": spec.pretrain.registered_model or f"{spec.experiment}-{spec.model.name}",
-        "alias": spec.pretrain.alias,
-    }
-    return train_task(
-        "pretrain",
-        f"pretrain:{spec.model.name}",
-        key,
-        config,
-        spec.resolved_artifact_root(),
-        plan.launch(spec),
-        tracking,
-        [dataset],
-        register=register,
-        tags={"vitflow.fingerprint": dataset["fingerprint"]},
-    )
+def _stage_tasks(spec: BenchmarkSpec) -> tuple[Task, Task]:
+    """The train and few-shot tasks: in this process, or dispatched to the work pool; results in the artifact store."""
+    store = result_store()
+    remote = spec.compute.dispatch == "deployments"
+    train, fewshot = (dispatch_train_task, dispatch_fewshot_task) if remote else (train_task, fewshot_task)
+    return train.with_options(result_storage=store), fewshot.with_options(result_storage=store)
 
 
-def _submit_finetune(
-    spec: BenchmarkSpec,
-    bench: BenchmarkItem,
-    dataset: dict[str, Any],
-    label: str,
-    init: str,
-    lr: float,
-    seed: int,
-    final: bool,
-    tracking: dict[str, Any],
-):
-    """One fine-tune, in this process's task runner or as a run of the ``train-stage`` deployment."""
-    config, key, test = plan.finetune_config(spec, bench, dataset["uri"], init, lr, seed, final)
-    suffix = "" if label == "pretrained" else f":{label}"
-    name = f"finetune:{bench.name}:lr={lr:g}{suffix}" + (f":seed={seed}" if final and seed else "")
-    tags = {
-        "vitflow.benchmark": bench.name,
-        "vitflow.model_label": label,
-        "vitflow.lr": f"{lr:g}",
-        "vitflow.phase": "final" if final else "sweep",
-        "vitflow.fingerprint": dataset["fingerprint"],
-    }
-    parameters = {
-        "kind": "finetune",
-        "key": key,
-        "config": config,
-        "artifact_root": spec.resolved_artifact_root(),
-        "launch": plan.launch(spec),
-        "tracking": tracking,
-        "datasets": [dataset],
-        "test": test,
-        "tags": tags,
-    }
-    if spec.compute.dispatch == "deployments":
-        return dispatch_train_task.submit(name, parameters)
-    return train_task.submit(run_name=name, **parameters)
+class _Transfer:
+    """The transfer flow's fan-out: few-shot and sweep runs at once; each (benchmark, model)'s final runs as soon
+    as its own sweep is over (``as_completed``), not after every benchmark's sweep."""
+
+    def __init__(self, spec: BenchmarkSpec, tracking: TrackingContext, datasets: dict[str, DatasetRef]):
+        self.spec, self.tracking, self.datasets = spec, tracking, datasets
+        self.train, self.fewshot = _stage_tasks(spec)
+        self.fewshots: list[tuple[str, str, PrefectFuture]] = []
+        self.sweeps: dict[PrefectFuture, tuple[BenchmarkItem, tuple[str, str], float]] = {}
+        self.finals: list[tuple[str, str, float, int, PrefectFuture]] = []
+
+    def submit(self, models: dict[str, str]) -> None:
+        """Few-shot and sweep runs of every benchmark and model; the final runs of those with nothing to sweep."""
+        for bench in self.spec.transfer.benchmarks:
+            dataset = self.datasets[bench.dataset.name]
+            for model in models.items():
+                if bench.fewshot and self.spec.transfer.fewshot.enabled:
+                    stage = plan.fewshot_stage(self.spec, bench, dataset, model, self.tracking)
+                    self.fewshots.append((bench.name, model[0], self.fewshot.submit(stage)))
+                if not bench.finetune:
+                    continue
+                lrs = plan.sweep_lrs(self.spec, plan.finetune_recipe(self.spec, bench))
+                seed = self.spec.transfer.finetune.seeds[0]
+                for lr in lrs:
+                    stage = plan.finetune_stage(self.spec, bench, dataset, model, lr, seed, False, self.tracking)
+                    self.sweeps[self.train.submit(stage)] = (bench, model, lr)
+                if not lrs:
+                    self.submit_finals(bench, model, plan.finetune_recipe(self.spec, bench).lrs[0])
+
+    def submit_finals(self, bench: BenchmarkItem, model: tuple[str, str], lr: float) -> None:
+        dataset = self.datasets[bench.dataset.name]
+        for seed in self.spec.transfer.finetune.seeds:
+            stage = plan.finetune_stage(self.spec, bench, dataset, model, lr, seed, True, self.tracking)
+            self.finals.append((bench.name, model[0], lr, seed, self.train.submit(stage)))
+
+    def sweep_and_finals(self) -> list[FinetuneOutcome]:
+        """Wait for the sweeps; start each (benchmark, model)'s final runs with its best learning rate as soon as
+        its last sweep run is over. Returns the sweep outcomes."""
+        left = Counter((bench.name, label) for bench, (label, _), _ in self.sweeps.values())
+        seed = self.spec.transfer.finetune.seeds[0]
+        outcomes = []
+        for future in as_completed(list(self.sweeps)):
+            bench, model, lr = self.sweeps[future]
+            outcomes.append(
+                FinetuneOutcome(benchmark=bench.name, model=model[0], lr=lr, seed=seed, result=future.result())
+            )
+            left[bench.name, model[0]] -= 1
+            if left[bench.name, model[0]] == 0:
+                self.submit_finals(bench, model, self._best_lr(outcomes, bench.name, model[0]))
+        return outcomes
+
+    @staticmethod
+    def _best_lr(outcomes: list[FinetuneOutcome], bench: str, label: str) -> float:
+        scores = {o.lr: o.result.metrics["val/top1"] for o in outcomes if (o.benchmark, o.model) == (bench, label)}
+        best = select_best_lr(scores)
+        run_logger().info("%s (%s): best learning rate %g (val top-1 %.4f)", bench, label, best, scores[best])
+        return best
+
+    def results(self, sweeps: list[FinetuneOutcome]) -> TransferResults:
+        finals = [
+            FinetuneOutcome(benchmark=b, model=label, lr=lr, seed=seed, result=f.result())
+            for b, label, lr, seed, f in self.finals
+        ]
+        fewshot = [FewshotOutcome(benchmark=b, model=label, result=f.result()) for b, label, f in self.fewshots]
+        return TransferResults(sweeps=sweeps, finals=finals, fewshot=fewshot)
 
 
-def _submit_fewshot(
-    spec: BenchmarkSpec,
-    bench: BenchmarkItem,
-    dataset: dict[str, Any],
-    label: str,
-    init: str,
-    image_size: int | None,
-    tracking: dict[str, Any],
-):
-    train_split, test_split = plan.fewshot_splits(bench)
-    fs = spec.transfer.fewshot
-    parameters = {
-        "model_uri": init,
-        "dataset": dataset,
-        "train_split": train_split,
-        "test_split": test_split,
-        "shots": fs.shots,
-        "seeds": fs.seeds,
-        "l2": fs.l2,
-        "image_size": image_size,
-        "artifact_root": spec.resolved_artifact_root(),
-        "tracking": tracking,
-        "tags": {"vitflow.benchmark": bench.name, "vitflow.model_label": label},
-    }
-    if spec.compute.dispatch == "deployments":
-        return dispatch_fewshot_task.submit(bench.name, label, parameters)
-    return fewshot_task.submit(benchmark=bench.name, model_label=label, **parameters)
-
-
-@flow(name="transfer", log_prints=True)
+@flow(name="transfer", flow_run_name="transfer {spec.experiment}", log_prints=True)
 def transfer(
-    spec: BenchmarkSpec, tracking: dict[str, Any], datasets: dict[str, dict[str, Any]], models: dict[str, str]
-) -> dict[str, list[dict[str, Any]]]:
+    spec: BenchmarkSpec, tracking: TrackingContext, datasets: dict[str, DatasetRef], models: dict[str, str]
+) -> TransferResults:
     """Fine-tune (learning-rate sweep, then final runs per seed) and few-shot every benchmark, for each model
     (``pretrained``, and ``scratch`` for the from-scratch baseline), fanned out over the task runner or, with
     ``compute.dispatch=deployments``, over a work pool."""
-    logger = run_logger()
-    ft = spec.transfer.finetune
-    fewshot_size = spec.transfer.fewshot.image_size or (spec.pretrain.image_size if spec.pretrain else None)
-    fewshots, sweeps = [], []
-    for bench in spec.transfer.benchmarks:
-        dataset = datasets[bench.dataset.name]
-        for label, init in models.items():
-            if bench.fewshot and spec.transfer.fewshot.enabled:
-                future = _submit_fewshot(spec, bench, dataset, label, init, fewshot_size, tracking)
-                fewshots.append(((bench.name, label), future))
-            if bench.finetune:
-                for lr in plan.sweep_lrs(spec, plan.finetune_recipe(spec, bench)):
-                    future = _submit_finetune(spec, bench, dataset, label, init, lr, ft.seeds[0], False, tracking)
-                    sweeps.append(((bench.name, label, lr), future))
-    sweep_records = [{"benchmark": b, "model": label, "lr": lr, **f.result()} for (b, label, lr), f in sweeps]
-    finals = []
-    for bench in spec.transfer.benchmarks:
-        if not bench.finetune:
-            continue
-        for label, init in models.items():
-            scores = {
-                r["lr"]: r["metrics"]["val/top1"]
-                for r in sweep_records
-                if r["benchmark"] == bench.name and r["model"] == label
-            }
-            best = select_best_lr(scores) if scores else plan.finetune_recipe(spec, bench).lrs[0]
-            if scores:
-                logger.info("%s (%s): best learning rate %g (val top-1 %.4f)", bench.name, label, best, scores[best])
-            for seed in ft.seeds:
-                future = _submit_finetune(
-                    spec, bench, datasets[bench.dataset.name], label, init, best, seed, True, tracking
-                )
-                finals.append(((bench.name, label, best, seed), future))
-    return {
-        "sweeps": sweep_records,
-        "finals": [
-            {"benchmark": b, "model": label, "lr": lr, "seed": seed, **f.result()} for (b, label, lr, seed), f in finals
-        ],
-        "fewshot": [{"benchmark": b, "model": label, **f.result()} for (b, label), f in fewshots],
-    }
+    fan_out = _Transfer(spec, tracking, datasets)
+    fan_out.submit(models)
+    return fan_out.results(fan_out.sweep_and_finals())
 
 
-@flow(name="aggregate", log_prints=True)
+@flow(name="aggregate", flow_run_name="aggregate {spec.experiment}", log_prints=True)
 def aggregate(
     spec: BenchmarkSpec,
-    tracking: dict[str, Any],
-    results: dict[str, Any],
-    pretrained: dict[str, Any] | None,
-    datasets: dict[str, dict[str, Any]],
+    tracking: TrackingContext,
+    results: TransferResults,
+    pretrained: TrainResult | None,
+    datasets: dict[str, DatasetRef],
     model_uri: str,
-) -> dict[str, Any]:
+) -> RunSummary:
     """One results table, the paper's numbers beside ours, the report and the analysis figures."""
-    return aggregate_task(spec.model_dump(mode="json"), tracking, results, pretrained, datasets, model_uri)
+    return aggregate_task(plan.aggregate_stage(spec, tracking, results, pretrained, datasets, model_uri))
+
+
+def _models(
+    spec: BenchmarkSpec, tracker: Tracker, parent: RunRef, tracking: TrackingContext
+) -> tuple[dict[str, str], TrainResult | None, dict[str, DatasetRef]]:
+    """Prepare the datasets, pre-train as soon as the upstream one is ready (or resolve ``init``) and initialise
+    the from-scratch baseline meanwhile: the models transfer starts from, pre-training's result, the datasets."""
+    prepared = _submit_prepares(spec, tracking)
+    scratch = None
+    if spec.transfer.from_scratch_baseline:
+        scratch = init_checkpoint_task.submit(
+            spec.model.name,
+            plan.upstream_size(spec),
+            spec.seed,
+            spec.resolved_artifact_root(),
+            spec.model.gelu_approximate,
+        )
+    pretrained = None
+    if spec.pretrain is not None:
+        stage = plan.pretrain_stage(spec, prepared[spec.pretrain.dataset.name].result(), tracking)
+        pretrained = train_task.with_options(result_storage=result_store())(stage)
+        models = {plan.PRETRAINED: pretrained.model_uri}
+    else:
+        source, resolved = resolve_model_ref(spec.init, tracking.tracking_uri)
+        tracker.set_tags(parent, {"vitflow.init": spec.init, **{f"vitflow.{k}": v for k, v in resolved.items()}})
+        models = {plan.PRETRAINED: source}
+    if scratch is not None:
+        models[plan.SCRATCH] = scratch.result()
+    return models, pretrained, {name: f.result() for name, f in prepared.items()}
 
 
 @flow(name="benchmark", log_prints=True)
@@ -265,43 +248,33 @@ def benchmark(
     overrides: dict[str, Any] | None = None,
     spec: BenchmarkSpec | None = None,
     dispatch: Literal["local", "deployments"] | None = None,
-) -> dict[str, Any]:
+) -> RunSummary:
     """The whole protocol of the paper for one model: prepare the datasets, pre-train (or start from ``init``),
-    transfer to every benchmark, and aggregate. ``preset`` + ``overrides`` (``{"pretrain.steps": 100}``) build the
-    spec unless ``spec`` is given; ``dispatch`` overrides ``compute.dispatch`` (``deployments``: each fine-tune and
-    evaluation runs on a work pool). Finished stages are reused; an interrupted run resumes where it stopped."""
+    transfer to every benchmark, and aggregate. Finished stages are reused (Cached); an interrupted run resumes
+    where it stopped.
+
+    Args:
+        preset: the preset the spec starts from: demo, paper-b16-i1k, paper-b16-i21k, paper-l16-i21k,
+            finetune-official, vtab-1k, fewshot-nightly.
+        overrides: fields of the preset to change, by dotted path, e.g. {"pretrain.steps": 100}.
+        spec: a whole spec instead of preset and overrides.
+        dispatch: local (in this process) or deployments (each fine-tune and evaluation on a work pool);
+            default the spec's compute.dispatch.
+    """
     spec = resolve(spec or build_spec(preset, overrides or {}))
     if dispatch is not None:
         spec = spec.model_copy(update={"compute": spec.compute.model_copy(update={"dispatch": dispatch})})
     logger = run_logger()
     tracker, parent, ctx = open_tracking(spec, f"benchmark:{spec.experiment}", {"vitflow.preset": preset})
-    tracking = ctx.to_dict()
     status = "FAILED"
     try:
-        datasets = prepare_datasets(spec=spec, tracking=tracking)
-        pretrained = None
-        if spec.pretrain is not None:
-            pretrained = pretrain(spec, tracking, datasets[spec.pretrain.dataset.name])
-            models = {"pretrained": pretrained["model_uri"]}
-        else:
-            source, resolved = resolve_model_ref(spec.init, ctx.tracking_uri)
-            tracker.set_tags(parent, {"vitflow.init": spec.init, **{f"vitflow.{k}": v for k, v in resolved.items()}})
-            models = {"pretrained": source}
-        if spec.transfer.from_scratch_baseline:
-            size = spec.pretrain.image_size if spec.pretrain else spec.transfer.finetune.image_size
-            models["scratch"] = init_checkpoint_task(
-                spec.model.name,
-                size,
-                spec.seed,
-                spec.resolved_artifact_root(),
-                {"gelu_approximate": spec.model.gelu_approximate},
-            )
+        models, pretrained, datasets = _models(spec, tracker, parent, ctx)
         runner = ThreadPoolTaskRunner(max_workers=spec.compute.max_parallel)
-        results = transfer.with_options(task_runner=runner)(spec, tracking, datasets, models)
-        summary = aggregate(spec, tracking, results, pretrained, datasets, models["pretrained"])
-        tracker.log_metrics(parent, summary.get("headline", {}))
-        tracker.set_tags(parent, {"vitflow.results_uri": summary["results_uri"]})
-        logger.info("results: %s", summary["report_uri"])
+        results = transfer.with_options(task_runner=runner)(spec, ctx, datasets, models)
+        summary = aggregate(spec, ctx, results, pretrained, datasets, models[plan.PRETRAINED])
+        tracker.log_metrics(parent, summary.headline)
+        tracker.set_tags(parent, {"vitflow.results_uri": summary.results_uri})
+        logger.info("results: %s", summary.report_uri)
         status = "FINISHED"
         return summary
     finally:

@@ -8,15 +8,16 @@ format, a bad option: the message says what to do).
 from __future__ import annotations
 
 import json
-import os
 from pathlib import Path
 from typing import Annotated
 
 import typer
 
 from flows import commands, promote, stack
+from tasks.settings import default_artifact_root
 from vit.data.base import CorruptDataError, DataError
 from vit.data.sources import FORMATS, parse_source
+from vit.overrides import parse_overrides
 
 app = typer.Typer(
     help=(
@@ -41,26 +42,9 @@ app.add_typer(data_app, name="data")
 DOWNLOADERS = ("cifar10", "cifar100", "fashion-mnist", "pets", "flowers102")
 
 
-def default_artifact_root() -> str:
-    """``$VITFLOW_ARTIFACT_ROOT``, else ``$VITFLOW_HOME/artifacts`` (``VITFLOW_HOME`` defaults to ``./.vitflow``)."""
-    home = Path(os.environ.get("VITFLOW_HOME", ".vitflow"))
-    return os.environ.get("VITFLOW_ARTIFACT_ROOT") or str(home / "artifacts")
-
-
 def fail(message: str, code: int) -> typer.Exit:
     typer.echo(f"error: {message}", err=True)
     return typer.Exit(code)
-
-
-def parse_options(pairs: list[str]) -> dict[str, str]:
-    """``["key=value", ...]`` -> dict; values stay strings (each consumer converts and checks its own)."""
-    options = {}
-    for pair in pairs:
-        key, sep, value = pair.partition("=")
-        if not sep or not key.strip():
-            raise DataError(f"bad --option {pair!r}: write key=value")
-        options[key.strip()] = value.strip()
-    return options
 
 
 def download(source: str) -> None:
@@ -125,7 +109,7 @@ def prepare(
     from vit.data import prepare_dataset  # here: torch is slow to import, and --help does not need it
 
     try:
-        options = parse_options(option or [])
+        options = parse_overrides(option or [], flag="--option")
         if download_:
             download(source)
         uri = prepare_dataset(
@@ -139,7 +123,7 @@ def prepare(
         )
     except CorruptDataError as exc:
         raise fail(str(exc), 1) from None
-    except DataError as exc:
+    except (DataError, ValueError) as exc:
         raise fail(str(exc), 2) from None
     typer.echo(uri)
 

@@ -8,11 +8,14 @@ import json
 import os
 import sys
 from pathlib import Path
-from typing import Annotated
+from typing import TYPE_CHECKING, Annotated
 
 import typer
 
 from flows import prefect_server
+
+if TYPE_CHECKING:
+    from tasks.stages import RunSummary
 
 EXIT_FAILED, EXIT_BAD_INPUT, EXIT_REGRESSION = 1, 2, 3
 
@@ -69,14 +72,14 @@ def _check_artifact_root(root: str) -> None:
         raise _fail(f"artifact_root: {e}", EXIT_BAD_INPUT) from None
 
 
-def _where_to_look(summary: dict, tracking_uri: str) -> None:
+def _where_to_look(summary: RunSummary, tracking_uri: str) -> None:
     typer.echo("")
-    typer.echo(summary.get("table", ""))
+    typer.echo(summary.table)
     typer.echo("")
     typer.secho("Where to look", bold=True)
-    typer.echo(f"  report:   {summary['report_uri']}")
-    typer.echo(f"  results:  {summary['results_uri']}")
-    typer.echo(f"  MLflow:   run {summary['run_id']} in {tracking_uri}")
+    typer.echo(f"  report:   {summary.report_uri}")
+    typer.echo(f"  results:  {summary.results_uri}")
+    typer.echo(f"  MLflow:   run {summary.run_id} in {tracking_uri}")
     if tracking_uri.startswith("sqlite:///"):
         typer.echo(f"            mlflow ui --backend-store-uri {tracking_uri}   (then open http://127.0.0.1:5000)")
 
@@ -129,7 +132,7 @@ def run(
             preload_imports(spec)
             server.wait_until_healthy(float(os.environ.get("PREFECT_SERVER_EPHEMERAL_STARTUP_TIMEOUT_SECONDS", 120)))
         summary = benchmark(preset=preset, spec=spec, dispatch=dispatch)
-    except Exception as e:  # noqa: BLE001 - the flow's own log has the details; say what failed and exit 1
+    except Exception as e:  # the flow's own log has the details; say what failed and exit 1
         raise _fail(f"benchmark {preset!r} failed: {e}", EXIT_FAILED) from None
     finally:
         # The interpreter's shutdown runs full garbage collections over the heap torch, Prefect, MLflow and
@@ -232,17 +235,13 @@ def finetune(
 
 def _train_overrides(overrides: list[str] | None) -> dict:
     """``--set key=value`` for top-level TrainConfig fields (steps, batch_size, precision, device, ...)."""
-    import yaml
-
     from vit.engine.config import TrainConfig
+    from vit.overrides import parse_overrides
 
     fields = set(TrainConfig.__dataclass_fields__)
-    out = {}
-    for item in overrides or []:
-        key, sep, value = item.partition("=")
-        if not sep or key not in fields:
-            raise ValueError(f"--set {item!r}: use a top-level training field ({', '.join(sorted(fields))})")
-        out[key] = yaml.safe_load(value)
+    out = parse_overrides(overrides or [])
+    if unknown := sorted(set(out) - fields):
+        raise ValueError(f"--set {', '.join(unknown)}: use a top-level training field ({', '.join(sorted(fields))})")
     return out
 
 
@@ -298,32 +297,22 @@ def transfer(
     suite of the version aliased @champion (`vitflow promote` moves it); exit code 3 when a metric dropped by more
     than both the threshold and the seeds' spread. Runs the `transfer-eval` flow, like the nightly deployment does."""
     from flows.transfer_eval import RegressionDetected, transfer_eval
+    from vit.overrides import parse_overrides
 
     try:
-        summary = transfer_eval(model=model, suite=suite, threshold=threshold, overrides=_dotted(overrides or []))
+        dotted = parse_overrides(overrides or [])
+        summary = transfer_eval(model=model, suite=suite, threshold=threshold, overrides=dotted)
     except RegressionDetected as e:
         raise _fail(str(e), EXIT_REGRESSION) from None
     except ValueError as e:
         raise _fail(_validation_message(e), EXIT_BAD_INPUT) from None
-    except Exception as e:  # noqa: BLE001
+    except Exception as e:
         raise _fail(f"transfer evaluation failed: {e}", EXIT_FAILED) from None
     from tasks.settings import default_tracking_uri
 
     _where_to_look(summary, default_tracking_uri())
-    if summary.get("comparison"):
-        typer.echo("\n" + summary["comparison"])
-
-
-def _dotted(overrides: list[str]) -> dict[str, object]:
-    import yaml
-
-    out = {}
-    for item in overrides:
-        key, sep, value = item.partition("=")
-        if not sep:
-            raise ValueError(f"--set {item!r} is not path=value")
-        out[key] = yaml.safe_load(value)
-    return out
+    if summary.comparison:
+        typer.echo("\n" + summary.comparison)
 
 
 def report(

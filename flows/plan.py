@@ -1,4 +1,10 @@
-"""From a BenchmarkSpec to the engine's training configs: what each stage runs, and what identifies its output."""
+"""From a BenchmarkSpec to what each stage runs: the one place the spec is turned into stage specs and engine configs.
+
+preset -> :class:`~flows.specs.BenchmarkSpec` (validated) -> the stage specs of ``tasks/stages.py`` built here ->
+the engine's :class:`~vit.engine.config.TrainConfig`. Each derived value (default resolutions, the protocol's
+recipe with the spec's overrides, the learning rates to sweep, what identifies a stage's output) is computed here
+once.
+"""
 
 from __future__ import annotations
 
@@ -6,23 +12,73 @@ from dataclasses import replace
 from typing import Any
 
 from flows.specs import BenchmarkItem, BenchmarkSpec
+from tasks.common import TrackingContext, stage_uri
+from tasks.evaluate import fewshot_key
+from tasks.launch import Launch
+from tasks.stages import (
+    AggregateStage,
+    AnalysisTarget,
+    DatasetRef,
+    DatasetStage,
+    FewshotStage,
+    Registration,
+    TestEval,
+    TrainResult,
+    TrainStage,
+    TransferResults,
+)
 from vit.configs import is_bit, model_config
 from vit.engine.config import CheckpointConfig, DataConfig, ModelConfig, OptimConfig, TrainConfig
 from vit.engine.recipes import FinetuneRecipe, default_finetune_recipe
 
 # Few-shot train/test splits per protocol (big_vision uses the official train/test splits; VTAB its 1k split).
 FEWSHOT_SPLITS = {"imagenet": ("train", "val"), "vtab": ("train800val200", "test")}
+PRETRAINED, SCRATCH = "pretrained", "scratch"
 
 
-def launch(spec: BenchmarkSpec) -> dict[str, Any]:
+def launch(spec: BenchmarkSpec) -> Launch:
     c = spec.compute
+    return Launch(
+        nproc_per_node=c.nproc_per_node,
+        nnodes=c.nnodes,
+        rdzv_endpoint=c.rdzv_endpoint,
+        threads=c.threads_per_job,
+        gpu_slots_limit=c.gpu_slots_limit,
+        prefork=c.prefork,
+    )
+
+
+def upstream_size(spec: BenchmarkSpec) -> int:
+    """The resolution of the model transfer starts from: pre-training's, else the fine-tuning resolution."""
+    return spec.pretrain.image_size if spec.pretrain else spec.transfer.finetune.image_size
+
+
+def fewshot_size(spec: BenchmarkSpec) -> int | None:
+    """Few-shot features are extracted at ``transfer.fewshot.image_size``, default pre-training's resolution;
+    None (no pre-training stage): the checkpoint's own resolution."""
+    return spec.transfer.fewshot.image_size or (spec.pretrain.image_size if spec.pretrain else None)
+
+
+def datasets(spec: BenchmarkSpec) -> dict[str, Any]:
+    """Every dataset the spec names, once each (benchmarks may share one)."""
+    items = {spec.pretrain.dataset.name: spec.pretrain.dataset} if spec.pretrain else {}
+    items.update({b.dataset.name: b.dataset for b in spec.transfer.benchmarks})
+    return items
+
+
+def dataset_stages(spec: BenchmarkSpec, tracking: TrackingContext) -> dict[str, DatasetStage]:
+    root = spec.resolved_artifact_root()
     return {
-        "nproc_per_node": c.nproc_per_node,
-        "nnodes": c.nnodes,
-        "rdzv_endpoint": c.rdzv_endpoint,
-        "threads": c.threads_per_job,
-        "gpu_slots_limit": c.gpu_slots_limit,
-        "prefork": c.prefork,
+        name: DatasetStage(
+            name=name,
+            source=d.source,
+            options=d.options,
+            max_corrupt_fraction=d.max_corrupt_fraction,
+            artifact_root=root,
+            seed=spec.seed,
+            tracking=tracking,
+        )
+        for name, d in datasets(spec).items()
     }
 
 
@@ -37,7 +93,7 @@ def _compute_fields(spec: BenchmarkSpec) -> dict[str, Any]:
     }
 
 
-def pretrain_config(spec: BenchmarkSpec, dataset_uri: str) -> tuple[dict[str, Any], dict[str, Any]]:
+def pretrain_config(spec: BenchmarkSpec, dataset_uri: str) -> tuple[TrainConfig, dict[str, Any]]:
     """The TrainConfig of the pre-training stage, and the key its output folder is addressed by."""
     p = spec.pretrain
     assert p is not None
@@ -84,7 +140,28 @@ def pretrain_config(spec: BenchmarkSpec, dataset_uri: str) -> tuple[dict[str, An
         "seed": spec.seed,
         "precision": spec.compute.precision,
     }
-    return cfg.to_dict(), key
+    return cfg, key
+
+
+def pretrain_stage(spec: BenchmarkSpec, dataset: DatasetRef, tracking: TrackingContext) -> TrainStage:
+    """Pre-training on the upstream dataset, registered as ``<experiment>-<model>@<alias>`` unless named."""
+    assert spec.pretrain is not None
+    config, key = pretrain_config(spec, dataset.uri)
+    name = f"pretrain:{spec.model.name}"
+    return TrainStage(
+        kind="pretrain",
+        name=name,
+        title=f"pretrain {spec.model.name} on {dataset.name}",
+        uri=stage_uri(spec.resolved_artifact_root(), "pretrain", name, key),
+        config=config,
+        launch=launch(spec),
+        tracking=tracking,
+        datasets=[dataset],
+        registration=Registration(
+            name=spec.pretrain.registered_model or f"{spec.experiment}-{spec.model.name}", alias=spec.pretrain.alias
+        ),
+        tags={"vitflow.fingerprint": dataset.fingerprint},
+    )
 
 
 def finetune_recipe(spec: BenchmarkSpec, bench: BenchmarkItem) -> FinetuneRecipe:
@@ -108,7 +185,7 @@ def sweep_lrs(spec: BenchmarkSpec, recipe: FinetuneRecipe) -> tuple[float, ...]:
 
 def finetune_config(
     spec: BenchmarkSpec, bench: BenchmarkItem, dataset_uri: str, init_uri: str, lr: float, seed: int, final: bool
-) -> tuple[dict[str, Any], dict[str, Any], dict[str, Any] | None]:
+) -> tuple[TrainConfig, dict[str, Any], TestEval | None]:
     """(TrainConfig, output key, test evaluation) of one fine-tune: a sweep run (train on the held-out protocol's
     training part, validate on its dev split) or a final run (full training split, then the test split)."""
     recipe = finetune_recipe(spec, bench)
@@ -130,9 +207,107 @@ def finetune_config(
         "precision": spec.compute.precision,
         "gelu": spec.model.gelu_approximate,
     }
-    test = {"split": recipe.test, "transform": recipe.eval_transform, "real": bench.real} if final else None
-    return cfg.to_dict(), key, test
+    test = TestEval(split=recipe.test, transform=recipe.eval_transform, real=bench.real) if final else None
+    return cfg, key, test
 
 
-def fewshot_splits(bench: BenchmarkItem) -> tuple[str, str]:
-    return FEWSHOT_SPLITS.get(bench.protocol, ("train", "test"))
+def finetune_name(bench: BenchmarkItem, label: str, lr: float, seed: int, final: bool) -> str:
+    """``finetune:<benchmark>:lr=<lr>[:<model>][:seed=<seed>]`` (the seed of a final run when it is not 0)."""
+    suffix = "" if label == PRETRAINED else f":{label}"
+    return f"finetune:{bench.name}:lr={lr:g}{suffix}" + (f":seed={seed}" if final and seed else "")
+
+
+def finetune_stage(
+    spec: BenchmarkSpec,
+    bench: BenchmarkItem,
+    dataset: DatasetRef,
+    model: tuple[str, str],
+    lr: float,
+    seed: int,
+    final: bool,
+    tracking: TrackingContext,
+) -> TrainStage:
+    """One fine-tune of ``model`` = (label, checkpoint URI): a sweep run or a final run."""
+    label, init = model
+    config, key, test = finetune_config(spec, bench, dataset.uri, init, lr, seed, final)
+    name = finetune_name(bench, label, lr, seed, final)
+    tags = {
+        "vitflow.benchmark": bench.name,
+        "vitflow.model_label": label,
+        "vitflow.lr": f"{lr:g}",
+        "vitflow.phase": "final" if final else "sweep",
+        "vitflow.fingerprint": dataset.fingerprint,
+    }
+    phase = "" if final else " sweep"
+    return TrainStage(
+        kind="finetune",
+        name=name,
+        title=f"finetune {bench.name} lr={lr:g} seed={seed}{phase}" + ("" if label == PRETRAINED else f" ({label})"),
+        uri=stage_uri(spec.resolved_artifact_root(), "finetune", name, key),
+        config=config,
+        launch=launch(spec),
+        tracking=tracking,
+        datasets=[dataset],
+        test=test,
+        tags=tags,
+    )
+
+
+def fewshot_stage(
+    spec: BenchmarkSpec, bench: BenchmarkItem, dataset: DatasetRef, model: tuple[str, str], tracking: TrackingContext
+) -> FewshotStage:
+    """Few-shot evaluation of ``model`` = (label, checkpoint URI) on a benchmark's protocol splits."""
+    label, init = model
+    train_split, test_split = FEWSHOT_SPLITS.get(bench.protocol, ("train", "test"))
+    fs = spec.transfer.fewshot
+    fields = {
+        "benchmark": bench.name,
+        "model_label": label,
+        "model_uri": init,
+        "dataset": dataset,
+        "train_split": train_split,
+        "test_split": test_split,
+        "shots": fs.shots,
+        "seeds": fs.seeds,
+        "l2": fs.l2,
+        "image_size": fewshot_size(spec),
+        "tracking": tracking,
+        "tags": {"vitflow.benchmark": bench.name, "vitflow.model_label": label},
+    }
+    draft = FewshotStage(uri="", **fields)
+    uri = stage_uri(spec.resolved_artifact_root(), "fewshot", f"{bench.name}-{label}", fewshot_key(draft))
+    return draft.model_copy(update={"uri": uri})
+
+
+def aggregate_stage(
+    spec: BenchmarkSpec,
+    tracking: TrackingContext,
+    results: TransferResults,
+    pretrained: TrainResult | None,
+    refs: dict[str, DatasetRef],
+    model_uri: str,
+) -> AggregateStage:
+    """The aggregation of a run; the analysis figures are drawn for ``model_uri`` on the first benchmark."""
+    benches = spec.transfer.benchmarks
+    analysis = None
+    if spec.analysis.enabled and benches and not is_bit(spec.model.name):  # the figures are of a ViT's attention
+        first = refs[benches[0].dataset.name]
+        analysis = AnalysisTarget(
+            model_uri=model_uri,
+            dataset_uri=first.uri,
+            split="test" if "test" in first.splits else "val",
+            image_size=upstream_size(spec),
+            num_images=spec.analysis.num_images,
+        )
+    return AggregateStage(
+        experiment=spec.experiment,
+        model_name=spec.model.name,
+        pretrain_name=spec.pretrain.dataset.name if spec.pretrain else "checkpoint",
+        artifact_root=spec.resolved_artifact_root(),
+        tracking=tracking,
+        results=results,
+        pretrained=pretrained,
+        groups={b.name: refs[b.dataset.name].vtab_group for b in benches},
+        curve_seed=spec.transfer.finetune.seeds[0],
+        analysis=analysis,
+    )

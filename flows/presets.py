@@ -23,9 +23,9 @@ from flows.specs import (
     ModelSpec,
     PretrainSpec,
     TransferSpec,
-    apply_overrides,
 )
 from vit.data.synthetic import VTAB_TASKS
+from vit.overrides import apply_overrides
 from vit.vtab import TASKS as VTAB_1K
 
 FASHION_MNIST_DIR = Path("/usr/share/datasets/fashion-mnist")

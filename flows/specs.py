@@ -15,7 +15,8 @@ from pydantic import BaseModel, ConfigDict, Field, field_validator, model_valida
 
 from tasks.settings import default_artifact_root, default_tracking_uri
 from vit import storage
-from vit.configs import model_config, resolve_model_name
+from vit.configs import list_models, model_config, resolve_model_name
+from vit.engine.config import batch_error, length_error, objective_error
 
 Protocol = Literal["imagenet", "cifar10", "cifar100", "pets", "flowers102", "vtab"]
 FILE_FORMATS = ("imagenet", "imagefolder", "cifar10", "cifar100", "pets", "flowers102", "fashion-mnist", "vtab", "list")
@@ -28,10 +29,19 @@ class Spec(BaseModel):
 class DatasetSpec(Spec):
     """A dataset to prepare: ``source`` as ``vitflow data prepare`` takes it (``FORMAT:PATH``)."""
 
-    name: str = Field(min_length=1, pattern=r"^[A-Za-z0-9][A-Za-z0-9._-]*$")
+    name: str = Field(
+        min_length=1,
+        pattern=r"^[A-Za-z0-9][A-Za-z0-9._-]*$",
+        description="name in the artifact store (datasets/<name>/<fingerprint>)",
+    )
     source: str = Field(description="FORMAT:PATH, e.g. cifar10:/data/cifar-10-batches-py or synthetic-upstream:")
-    options: dict[str, str | int | float | bool] = Field(default_factory=dict)
-    max_corrupt_fraction: float = Field(0.01, ge=0.0, le=1.0)
+    options: dict[str, str | int | float | bool] = Field(
+        default_factory=dict,
+        description="reader options, e.g. minival=0.02, max_train=4000, size=32 (see vitflow data prepare --help)",
+    )
+    max_corrupt_fraction: float = Field(
+        0.01, ge=0.0, le=1.0, description="fail when more than this share of samples is unusable"
+    )
 
     @field_validator("source")
     @classmethod
@@ -56,9 +66,15 @@ class DatasetSpec(Spec):
 
 
 class ModelSpec(Spec):
-    name: str = "vit_micro_4"
+    name: str = Field(
+        "vit_micro_4",
+        description="the ViT variant, e.g. vit_b_16 (aliases such as ViT-B/16 are accepted too)",
+        json_schema_extra={"enum": list_models()},  # a dropdown in the UI's form
+    )
     dropout: float | None = Field(None, ge=0.0, lt=1.0, description="None: the variant's official default")
-    gelu_approximate: Literal["tanh", "none"] = "tanh"
+    gelu_approximate: Literal["tanh", "none"] = Field(
+        "tanh", description="tanh: the official JAX GELU; none: exact erf (timm, torchvision)"
+    )
     allow_partial_patches: bool = Field(
         False, description="accept resolutions that are not a multiple of the patch (VALID drops the border)"
     )
@@ -72,43 +88,55 @@ class ModelSpec(Spec):
 class PretrainSpec(Spec):
     """Upstream pre-training (paper Table 3). Exactly one of ``steps`` and ``epochs``."""
 
-    dataset: DatasetSpec
-    objective: Literal["classification", "mpp"] = "classification"
-    image_size: int = Field(224, gt=0)
-    steps: int | None = Field(None, gt=0)
-    epochs: float | None = Field(None, gt=0)
-    batch_size: int = Field(4096, gt=0)
-    lr: float = Field(1e-3, gt=0)
-    weight_decay: float = Field(0.03, ge=0)
-    weight_decay_mode: Literal["lr_relative", "schedule_only"] = "lr_relative"
-    warmup_steps: int = Field(10_000, ge=0)
-    decay: Literal["linear", "cosine"] = "linear"
-    linear_end: float = Field(1e-5, ge=0)
-    grad_clip: float | None = Field(None, gt=0)
-    loss: Literal["sigmoid", "softmax"] = "sigmoid"
-    label_smoothing: float = Field(0.0, ge=0, lt=1)
-    head_bias_init: float | None = None
+    dataset: DatasetSpec = Field(description="the upstream dataset")
+    objective: Literal["classification", "mpp"] = Field(
+        "classification",
+        description="classification (the paper's supervised pre-training) or mpp (masked patch prediction)",
+    )
+    image_size: int = Field(224, gt=0, description="pre-training resolution in pixels")
+    steps: int | None = Field(None, gt=0, description="training steps (give steps or epochs)")
+    epochs: float | None = Field(None, gt=0, description="epochs over the training split (give steps or epochs)")
+    batch_size: int = Field(4096, gt=0, description="global batch: devices x micro-batch x accumulation steps")
+    lr: float = Field(1e-3, gt=0, description="peak learning rate (Adam)")
+    weight_decay: float = Field(0.03, ge=0, description="weight decay (paper Table 3)")
+    weight_decay_mode: Literal["lr_relative", "schedule_only"] = Field(
+        "lr_relative",
+        description="lr_relative: decay scaled by the learning rate (flax Adam); schedule_only: big_vision's",
+    )
+    warmup_steps: int = Field(10_000, ge=0, description="linear warm-up steps")
+    decay: Literal["linear", "cosine"] = Field("linear", description="learning-rate decay after warm-up")
+    linear_end: float = Field(1e-5, ge=0, description="final learning rate of the linear decay")
+    grad_clip: float | None = Field(
+        None, gt=0, description="clip the global gradient norm at this value (None: no clipping)"
+    )
+    loss: Literal["sigmoid", "softmax"] = Field("sigmoid", description="sigmoid cross-entropy (the paper's) or softmax")
+    label_smoothing: float = Field(0.0, ge=0, lt=1, description="label smoothing of the targets")
+    head_bias_init: float | None = Field(None, description="initial head bias (None: -10 for the sigmoid loss, else 0)")
     pre_logits: bool = Field(True, description="the tanh pre-logits layer of width D (paper §3.1)")
-    dropout: float | None = Field(0.1, ge=0, lt=1)
-    checkpoint_every_minutes: float = Field(30.0, gt=0)
+    dropout: float | None = Field(0.1, ge=0, lt=1, description="dropout rate (None: the variant's default)")
+    checkpoint_every_minutes: float = Field(30.0, gt=0, description="save a resumable checkpoint this often")
     registered_model: str | None = Field(None, description="MLflow registered model (default <experiment>-<model>)")
-    alias: str = "candidate"
+    alias: str = Field("candidate", description="MLflow registry alias pointed at the new model version")
 
     @model_validator(mode="after")
     def _one_length(self) -> PretrainSpec:
-        if (self.steps is None) == (self.epochs is None):
-            raise ValueError("pretrain: give exactly one of steps and epochs")
-        if self.objective == "mpp" and self.loss != "softmax":
-            raise ValueError("pretrain.loss must be softmax for the mpp objective")
+        if error := length_error(self.steps, self.epochs) or objective_error(self.objective, self.loss):
+            raise ValueError(f"pretrain: {error}")
         return self
 
 
 class BenchmarkItem(Spec):
     """One downstream benchmark: its dataset, the protocol row of Table 4, and what to run on it."""
 
-    name: str = Field(min_length=1, pattern=r"^[A-Za-z0-9][A-Za-z0-9._/-]*$")
-    dataset: DatasetSpec
-    protocol: Protocol
+    name: str = Field(
+        min_length=1,
+        pattern=r"^[A-Za-z0-9][A-Za-z0-9._/-]*$",
+        description="the benchmark's name in results and MLflow runs, e.g. cifar10 or vtab/dtd",
+    )
+    dataset: DatasetSpec = Field(description="the benchmark's dataset")
+    protocol: Protocol = Field(
+        description="the row of the paper's Table 4 (steps, learning rates, splits) it is fine-tuned with"
+    )
 
     @field_validator("name")
     @classmethod
@@ -117,22 +145,26 @@ class BenchmarkItem(Spec):
             raise ValueError(f"benchmark name {value!r} may not contain '..' or empty '/' segments")
         return value
 
-    finetune: bool = True
-    fewshot: bool = True
+    finetune: bool = Field(True, description="fine-tune on this benchmark")
+    fewshot: bool = Field(True, description="few-shot linear evaluation on this benchmark")
     real: bool = Field(False, description="also report ImageNet ReaL (needs real_labels in the dataset)")
 
 
 class FinetuneSpec(Spec):
     """Overrides of Table 4 for every benchmark (None keeps the protocol's value)."""
 
-    image_size: int = Field(384, gt=0)
-    batch_size: int = Field(512, gt=0)
-    steps: int | None = Field(None, gt=0)
-    lrs: list[float] | None = None
-    warmup_steps: int | None = Field(None, ge=0)
-    sweep: bool = True
-    polyak: float | None = Field(None, gt=0, lt=1)
-    seeds: list[Annotated[int, Field(ge=0)]] = Field(default_factory=lambda: [0], min_length=1)
+    image_size: int = Field(384, gt=0, description="fine-tuning resolution in pixels (paper: 384)")
+    batch_size: int = Field(512, gt=0, description="global fine-tuning batch (paper: 512)")
+    steps: int | None = Field(None, gt=0, description="fine-tuning steps (None: the protocol's)")
+    lrs: list[float] | None = Field(None, description="learning rates to sweep (None: the protocol's)")
+    warmup_steps: int | None = Field(None, ge=0, description="warm-up steps (None: the protocol's)")
+    sweep: bool = Field(True, description="choose the learning rate on the held-out split (false: the first one)")
+    polyak: float | None = Field(
+        None, gt=0, lt=1, description="Polyak averaging factor of the weights, e.g. 0.9999 (None: off)"
+    )
+    seeds: list[Annotated[int, Field(ge=0)]] = Field(
+        default_factory=lambda: [0], min_length=1, description="a final fine-tune per seed"
+    )
 
     @field_validator("lrs")
     @classmethod
@@ -143,10 +175,14 @@ class FinetuneSpec(Spec):
 
 
 class FewshotSpec(Spec):
-    enabled: bool = True
-    shots: list[int] = Field(default_factory=lambda: [1, 5, 10, 25], min_length=1)
-    seeds: list[Annotated[int, Field(ge=0)]] = Field(default_factory=lambda: [0, 1, 2], min_length=1)
-    l2: float = Field(1024.0, gt=0)
+    enabled: bool = Field(True, description="run few-shot linear evaluation")
+    shots: list[int] = Field(
+        default_factory=lambda: [1, 5, 10, 25], min_length=1, description="training images per class"
+    )
+    seeds: list[Annotated[int, Field(ge=0)]] = Field(
+        default_factory=lambda: [0, 1, 2], min_length=1, description="sampling seeds of the shots"
+    )
+    l2: float = Field(1024.0, gt=0, description="ridge regularisation (big_vision: 1024)")
     image_size: int | None = Field(None, gt=0, description="None: the pre-training (or init checkpoint's) resolution")
 
     @field_validator("shots")
@@ -158,9 +194,11 @@ class FewshotSpec(Spec):
 
 
 class TransferSpec(Spec):
-    benchmarks: list[BenchmarkItem] = Field(default_factory=list)
-    finetune: FinetuneSpec = Field(default_factory=FinetuneSpec)
-    fewshot: FewshotSpec = Field(default_factory=FewshotSpec)
+    benchmarks: list[BenchmarkItem] = Field(default_factory=list, description="the downstream benchmarks")
+    finetune: FinetuneSpec = Field(
+        default_factory=FinetuneSpec, description="fine-tuning settings shared by every benchmark"
+    )
+    fewshot: FewshotSpec = Field(default_factory=FewshotSpec, description="few-shot settings shared by every benchmark")
     from_scratch_baseline: bool = Field(False, description="also fine-tune a randomly initialised model")
 
     @model_validator(mode="after")
@@ -173,23 +211,29 @@ class TransferSpec(Spec):
 
 
 class ComputeSpec(Spec):
-    device: Literal["auto", "cpu", "cuda"] = "auto"
-    nproc_per_node: int = Field(1, ge=1)
-    nnodes: int = Field(1, ge=1)
+    device: Literal["auto", "cpu", "cuda"] = Field("auto", description="auto: CUDA when available")
+    nproc_per_node: int = Field(1, ge=1, description="training processes (GPUs) per node; more than one runs torchrun")
+    nnodes: int = Field(1, ge=1, description="nodes of a multi-node training run")
     rdzv_endpoint: str | None = Field(None, description="host:port of the c10d rendezvous for nnodes > 1")
-    accum_steps: int = Field(1, ge=1)
-    precision: Literal["fp32", "bf16", "fp16"] = "fp32"
-    compile: bool = False
-    grad_checkpointing: bool = False
-    num_workers: int = Field(0, ge=0)
+    accum_steps: int = Field(1, ge=1, description="gradient accumulation steps per optimiser step")
+    precision: Literal["fp32", "bf16", "fp16"] = Field("fp32", description="training precision")
+    compile: bool = Field(False, description="torch.compile the model")
+    grad_checkpointing: bool = Field(
+        False, description="recompute activations in the backward pass (less memory, more compute)"
+    )
+    num_workers: int = Field(0, ge=0, description="data-loading worker processes per training process")
     max_parallel: int = Field(1, ge=1, description="fine-tunes run at once (local dispatch)")
-    threads_per_job: int | None = Field(None, ge=1)
+    threads_per_job: int | None = Field(
+        None, ge=1, description="CPU threads per training process (None: torch's default)"
+    )
     prefork: bool = Field(
         True,
         description="fork each single-process training stage from a server that has imported torch and the engine "
         "once (saves seconds per stage); false: a fresh `python -m vit.engine` per stage",
     )
-    dispatch: Literal["local", "deployments"] = "local"
+    dispatch: Literal["local", "deployments"] = Field(
+        "local", description="local: fine-tunes in this process's task runner; deployments: each on a work pool"
+    )
     gpu_slots_limit: str | None = Field(
         None,
         description="a Prefect global concurrency limit with one slot per GPU (e.g. `prefect gcl create gpu "
@@ -208,25 +252,25 @@ class ComputeSpec(Spec):
 
 
 class AnalysisSpec(Spec):
-    enabled: bool = True
-    num_images: int = Field(8, ge=1, le=64)
+    enabled: bool = Field(True, description="draw the paper's Fig. 6/7 analysis figures")
+    num_images: int = Field(8, ge=1, le=64, description="images the attention figures are drawn on")
 
 
 class BenchmarkSpec(Spec):
     """The whole protocol: prepare -> pre-train (or start from ``init``) -> transfer -> aggregate."""
 
-    experiment: str = Field(min_length=1)
-    model: ModelSpec = Field(default_factory=ModelSpec)
-    pretrain: PretrainSpec | None = None
+    experiment: str = Field(min_length=1, description="the MLflow experiment (one per suite, so its runs compare)")
+    model: ModelSpec = Field(default_factory=ModelSpec, description="the model")
+    pretrain: PretrainSpec | None = Field(None, description="upstream pre-training (or give init)")
     init: str | None = Field(None, description="start transfer from this checkpoint instead of pre-training")
-    transfer: TransferSpec = Field(default_factory=TransferSpec)
-    compute: ComputeSpec = Field(default_factory=ComputeSpec)
-    analysis: AnalysisSpec = Field(default_factory=AnalysisSpec)
+    transfer: TransferSpec = Field(default_factory=TransferSpec, description="what the model is transferred to")
+    compute: ComputeSpec = Field(default_factory=ComputeSpec, description="where and how stages run")
+    analysis: AnalysisSpec = Field(default_factory=AnalysisSpec, description="the analysis figures")
     artifact_root: str | None = Field(None, description="None: $VITFLOW_ARTIFACT_ROOT or $VITFLOW_HOME/artifacts")
     tracking_uri: str | None = Field(
         None, description="None: $MLFLOW_TRACKING_URI or sqlite:///$VITFLOW_HOME/mlflow.db"
     )
-    seed: int = Field(0, ge=0)
+    seed: int = Field(0, ge=0, description="seed of pre-training and the from-scratch baseline")
 
     @field_validator("artifact_root")
     @classmethod
@@ -278,16 +322,12 @@ class BenchmarkSpec(Spec):
                     f"{name} {size} is not a multiple of the patch size {stride} of {self.model.name} "
                     "(set model.allow_partial_patches=true to drop the border as the paper's VALID patching does)"
                 )
-        per_step = self.compute.world_size * self.compute.accum_steps
         batches = {"transfer.finetune.batch_size": self.transfer.finetune.batch_size}
         if self.pretrain is not None:
             batches["pretrain.batch_size"] = self.pretrain.batch_size
         for name, batch in batches.items():
-            if batch % per_step:
-                errors.append(
-                    f"{name} {batch} is not divisible by devices ({self.compute.world_size}) x "
-                    f"compute.accum_steps ({self.compute.accum_steps})"
-                )
+            if error := batch_error(batch, self.compute.world_size, self.compute.accum_steps, "compute.accum_steps"):
+                errors.append(f"{name} {error}")
         if self.pretrain is not None and self.pretrain.objective == "mpp" and cfg.is_hybrid:
             errors.append("pretrain.objective mpp needs a plain ViT, not a hybrid")
         if errors:
@@ -327,47 +367,3 @@ class BenchmarkSpec(Spec):
 def hash_json(data: Any) -> str:
     """A short, stable content hash of JSON-able data (content-addressed stage outputs)."""
     return hashlib.sha256(json.dumps(data, sort_keys=True, default=str).encode()).hexdigest()[:16]
-
-
-def apply_overrides(data: dict[str, Any], overrides: list[str] | dict[str, Any]) -> dict[str, Any]:
-    """Apply ``path.to.field=value`` overrides (values parsed as YAML) to a spec dict; list items by index."""
-    import yaml
-
-    items = overrides.items() if isinstance(overrides, dict) else (_split_override(o) for o in overrides)
-    for key, value in items:
-        if isinstance(value, str) and not isinstance(overrides, dict):
-            value = yaml.safe_load(value) if value != "" else ""
-        node: Any = data
-        *parents, leaf = key.split(".")
-        if not all(parents) or not leaf:
-            raise ValueError(f"override {key!r}: empty field name in the path")
-        for depth, part in enumerate(parents):
-            if isinstance(node, list):
-                node = node[_index(part, key, len(node))]
-            elif isinstance(node, dict):
-                if node.get(part) is None:
-                    node[part] = {}
-                node = node[part]
-            if not isinstance(node, dict | list):
-                where = ".".join(parents[: depth + 1])
-                raise ValueError(f"override {key!r}: {where} is a value ({node!r}), not a section with fields")
-        if isinstance(node, list):
-            node[_index(leaf, key, len(node))] = value
-        else:
-            node[leaf] = value
-    return data
-
-
-def _split_override(item: str) -> tuple[str, str]:
-    if "=" not in item:
-        raise ValueError(f"override {item!r} is not path.to.field=value")
-    key, value = item.split("=", 1)
-    if not key.strip():
-        raise ValueError(f"override {item!r} has an empty path")
-    return key.strip(), value
-
-
-def _index(part: str, key: str, length: int) -> int:
-    if not part.lstrip("-").isdigit() or not -length <= int(part) < length:
-        raise ValueError(f"override {key!r}: {part!r} is not an index of a list of {length}")
-    return int(part)

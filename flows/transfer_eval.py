@@ -21,6 +21,7 @@ from tasks.common import run_logger
 from tasks.compare import BaselineChoice, evaluation, judge, publish_verdict
 from tasks.models import resolve_model_ref
 from tasks.registry_ops import require_registered
+from tasks.stages import RunSummary
 from vit.results import to_markdown
 
 
@@ -35,7 +36,7 @@ def transfer_eval(
     threshold: float = 1.0,
     baseline: BaselineChoice | None = None,
     overrides: dict[str, Any] | None = None,
-) -> dict[str, Any]:
+) -> RunSummary:
     """Evaluate ``model`` on the transfer suite of preset ``suite`` and compare with ``baseline`` (default: the
     evaluation of the version aliased @champion); fails on a drop beyond ``threshold`` points and the seeds' spread."""
     choice = baseline or BaselineChoice()
@@ -51,12 +52,12 @@ def transfer_eval(
     status = "FAILED"
     try:
         tracker.set_tags(parent, {f"vitflow.{k}": v for k, v in resolved.items()})
-        tracking = ctx.to_dict()
+        tracking = ctx
         datasets = prepare_datasets(spec=spec, tracking=tracking)
         runner = ThreadPoolTaskRunner(max_workers=spec.compute.max_parallel)
         results = transfer.with_options(task_runner=runner)(spec, tracking, datasets, {"pretrained": source})
         summary = aggregate(spec, tracking, results, None, datasets, source)
-        tracker.set_tags(parent, {"vitflow.results_uri": summary["results_uri"]})
+        tracker.set_tags(parent, {"vitflow.results_uri": summary.results_uri})
         if not tracker.flush() or parent.id is None:  # the results are kept; judging them needs MLflow
             run_logger().warning("MLflow unreachable: %s evaluated, not compared with a baseline", model)
             status = "FINISHED"
@@ -66,7 +67,7 @@ def transfer_eval(
         tracker.set_tags(parent, verdict.tags())
         publish_verdict(verdict)
         run_logger().info("%s\n%s", verdict.message(), to_markdown(verdict.table))
-        summary.update(comparison=to_markdown(verdict.table), regressions=verdict.regressions)
+        summary.comparison, summary.regressions = to_markdown(verdict.table), verdict.regressions
         if verdict.regressions:
             raise RegressionDetected(verdict.message())
         status = "FINISHED"

@@ -25,37 +25,28 @@ from tasks.common import (
     start_stage_run,
     write_done,
 )
-from tasks.tracking import Tracker
+from tasks.stages import AggregateStage, RunSummary, TransferResults
+from tasks.tracking import RunRef, Tracker
 from vit import storage
-from vit.configs import is_bit
 from vit.results import SCRATCH
 
 
-def result_records(run_id: str, model: str, pretrain: str, results: dict[str, Any]) -> list[dict[str, Any]]:
+def result_records(run_id: str, model: str, pretrain: str, results: TransferResults) -> list[dict[str, Any]]:
     """Tidy rows (accuracies in percent) from the transfer flow's outputs; sweep runs are kept apart (per lr)."""
     rows = []
-    for r in results["finals"]:
-        source = SCRATCH if r["model"] == SCRATCH else pretrain
-        base = {"run": run_id, "model": model, "pretrain": source, "split": "test", "metric": "top1", "seed": r["seed"]}
-        rows.append({**base, "benchmark": r["benchmark"], "value": 100 * r["metrics"]["test/top1"]})
-        if "test/real_top1" in r["metrics"]:
-            rows.append({**base, "benchmark": "imagenet_real", "value": 100 * r["metrics"]["test/real_top1"]})
-    for f in results["fewshot"]:
-        source = SCRATCH if f["model"] == SCRATCH else pretrain
-        for rec in f["records"]:
-            rows.append(
-                {
-                    "run": run_id,
-                    "model": model,
-                    "pretrain": source,
-                    "benchmark": f["benchmark"],
-                    "split": "test",
-                    "metric": "top1",
-                    "value": 100 * rec["accuracy"],
-                    "seed": int(rec["seed"]),
-                    "shots": int(rec["shots"]),
-                }
-            )
+    for r in results.finals:
+        source = SCRATCH if r.model == SCRATCH else pretrain
+        base = {"run": run_id, "model": model, "pretrain": source, "split": "test", "metric": "top1", "seed": r.seed}
+        rows.append({**base, "benchmark": r.benchmark, "value": 100 * r.result.metrics["test/top1"]})
+        if "test/real_top1" in r.result.metrics:
+            rows.append({**base, "benchmark": "imagenet_real", "value": 100 * r.result.metrics["test/real_top1"]})
+    for f in results.fewshot:
+        source = SCRATCH if f.model == SCRATCH else pretrain
+        base = {"run": run_id, "model": model, "pretrain": source, "benchmark": f.benchmark, "split": "test"}
+        rows += [
+            {**base, "metric": "top1", "value": 100 * rec.accuracy, "seed": rec.seed, "shots": rec.shots}
+            for rec in f.result.records
+        ]
     return rows
 
 
@@ -141,35 +132,29 @@ def analysis_figures(
     return figures
 
 
-def make_plots(
-    spec: dict[str, Any],
-    df: pd.DataFrame,
-    results: dict[str, Any],
-    pretrained: dict[str, Any] | None,
-    datasets: dict[str, dict[str, Any]],
-    model_uri: str | None,
-) -> dict[str, bytes]:
+def make_plots(stage: AggregateStage, df: pd.DataFrame) -> dict[str, bytes]:
     """Every figure of the report: training curves, the learning-rate sweep, few-shot accuracy and, when analysis
-    is on, the paper's Fig. 6/7 pictures for ``model_uri``."""
+    is on, the paper's Fig. 6/7 pictures."""
     from vit import analysis
 
     plots: dict[str, bytes] = {}
+    results = stage.results
     stages = {
-        f"finetune:{r['benchmark']}" + ("" if r["model"] != SCRATCH else ":scratch"): r["stage_uri"]
-        for r in results["finals"]
-        if r["seed"] == spec["transfer"]["finetune"]["seeds"][0]
+        f"finetune:{r.benchmark}" + ("" if r.model != SCRATCH else ":scratch"): r.result.stage_uri
+        for r in results.finals
+        if r.seed == stage.curve_seed
     }
-    if pretrained is not None:
-        stages = {"pretrain": pretrained["stage_uri"], **stages}
+    if stage.pretrained is not None:
+        stages = {"pretrain": stage.pretrained.stage_uri, **stages}
     curves = training_curves(stages)
     if not curves.empty:
         plots["training curves"] = analysis.plot_training_curves(curves)
-    if results["sweeps"]:
+    if results.sweeps:
         sweep = pd.DataFrame(
             [
-                {"benchmark": r["benchmark"], "lr": r["lr"], "accuracy": r["metrics"]["val/top1"]}
-                for r in results["sweeps"]
-                if r["model"] != SCRATCH
+                {"benchmark": r.benchmark, "lr": r.lr, "accuracy": r.result.metrics["val/top1"]}
+                for r in results.sweeps
+                if r.model != SCRATCH
             ]
         )
         plots["learning-rate sweep"] = analysis.plot_lr_sweep(sweep)
@@ -181,46 +166,29 @@ def make_plots(
             accuracy=few["value"] / 100,
         )
         plots["few-shot accuracy"] = analysis.plot_fewshot(few[["dataset", "variant", "shots", "seed", "accuracy"]])
-    first = spec["transfer"]["benchmarks"][0] if spec["transfer"]["benchmarks"] else None
-    if spec["analysis"]["enabled"] and first is not None and not is_bit(spec["model"]["name"]):  # ViT figures
-        size = spec["pretrain"]["image_size"] if spec["pretrain"] else spec["transfer"]["finetune"]["image_size"]
-        if model_uri:
-            split = "test" if "test" in datasets[first["dataset"]["name"]]["splits"] else "val"
-            plots.update(
-                analysis_figures(
-                    model_uri,
-                    datasets[first["dataset"]["name"]]["uri"],
-                    split,
-                    size,
-                    spec["analysis"]["num_images"],
-                )
-            )
+    if (target := stage.analysis) is not None:
+        plots.update(
+            analysis_figures(target.model_uri, target.dataset_uri, target.split, target.image_size, target.num_images)
+        )
     return plots
 
 
-def cached_plots(
-    spec: dict[str, Any],
-    df: pd.DataFrame,
-    results: dict[str, Any],
-    pretrained: dict[str, Any] | None,
-    datasets: dict[str, dict[str, Any]],
-    model_uri: str | None,
-) -> dict[str, bytes]:
+def cached_plots(stage: AggregateStage, df: pd.DataFrame) -> dict[str, bytes]:
     """:func:`make_plots`, drawn once per distinct input: the figures are a stage of their own, keyed by the
     results (without the run id), the stages whose curves they show and the analysed model, so an unchanged
     re-run reads them back instead of running the model and matplotlib again."""
+    results = stage.results
     key = {
         "results": hashlib.sha256(df.drop(columns="run").to_csv(index=False).encode()).hexdigest(),
-        "stages": sorted(r["stage_uri"] for r in results["finals"] + results["sweeps"]),
-        "pretrained": pretrained["stage_uri"] if pretrained else None,
-        "model": model_uri,
-        "analysis": spec["analysis"],
+        "stages": sorted(r.result.stage_uri for r in results.finals + results.sweeps),
+        "pretrained": stage.pretrained.stage_uri if stage.pretrained else None,
+        "analysis": stage.analysis.model_dump() if stage.analysis else None,
     }
-    uri = stage_uri(spec["artifact_root"], "plots", spec["experiment"], key)
+    uri = stage_uri(stage.artifact_root, "plots", stage.experiment, key)
     done = read_done(uri)
     if done is not None:
         return {name: storage.read_bytes(storage.join(uri, file)) for name, file in done["files"].items()}
-    plots = make_plots(spec, df, results, pretrained, datasets, model_uri)
+    plots = make_plots(stage, df)
     files = {name: name.replace(" ", "_") + ".png" for name in plots}
     for name, file in files.items():
         storage.write_bytes(storage.join(uri, file), plots[name])
@@ -228,77 +196,77 @@ def cached_plots(
     return plots
 
 
-@task(name="aggregate", cache_policy=NONE)
-def aggregate_task(
-    spec: dict[str, Any],
-    tracking: dict[str, Any],
-    results: dict[str, Any],
-    pretrained: dict[str, Any] | None,
-    datasets: dict[str, dict[str, Any]],
-    model_uri: str | None,
-) -> dict[str, Any]:
-    """``spec`` is the resolved BenchmarkSpec as JSON (artifact root filled in); ``model_uri`` the model the
-    analysis figures are drawn for (the pre-trained one, or the checkpoint transfer started from)."""
-    from vit.report import write_report
-    from vit.results import RESULT_COLUMNS, results_frame, to_markdown, write_results
+@task(name="aggregate", task_run_name="aggregate {stage.experiment}", cache_policy=NONE)
+def aggregate_task(stage: AggregateStage) -> RunSummary:
+    """Every result in one table, the report and its figures: to the artifact store, MLflow and the Prefect UI."""
+    from vit.results import RESULT_COLUMNS, results_frame, to_markdown
 
     logger = run_logger()
-    ctx = TrackingContext(**tracking)
+    ctx = stage.tracking
     tracker, run = start_stage_run(ctx, "aggregate", "aggregate")
     run_id = ctx.parent_run_id or uuid.uuid4().hex
-    root = spec["artifact_root"]
-    target = storage.join(root, "runs", run_id)
-    pretrain_name = spec["pretrain"]["dataset"]["name"] if spec["pretrain"] else "checkpoint"
+    target = storage.join(stage.artifact_root, "runs", run_id)
     try:
-        records = result_records(run_id, spec["model"]["name"], pretrain_name, results)
+        records = result_records(run_id, stage.model_name, stage.pretrain_name, stage.results)
         df = results_frame(pd.DataFrame(records, columns=list(RESULT_COLUMNS)))
-        benches = {b["name"]: b for b in spec["transfer"]["benchmarks"]}
-        groups = {name: datasets[b["dataset"]["name"]].get("vtab_group") for name, b in benches.items()}
-        headline = log_results_to_parent(tracker, ctx, df, groups)
-
-        plots = cached_plots(spec, df, results, pretrained, datasets, model_uri)
-
-        meta = {
-            "MLflow run": run_id,
-            "experiment": spec["experiment"],
-            "model": spec["model"]["name"],
-            "pre-training data": pretrain_name,
-            "artifacts": target,
-        }
-        with tempfile.TemporaryDirectory() as tmp:
-            out = Path(tmp)
-            write_results(df, out)
-            write_report(out, df, plots, title=f"vitflow — {spec['experiment']}", meta=meta)
-            (out / "headline.json").write_text(json.dumps(headline, indent=2))
-            for path in sorted(p for p in out.rglob("*") if p.is_file()):
-                rel = path.relative_to(out).as_posix()
-                storage.upload(path, storage.join(target, rel))
-                folder = str(Path(rel).parent) if "/" in rel else None
-                tracker.log_artifact(run, path, folder)
-                parent_run = tracker.existing_run(ctx.parent_run_id, "parent") if ctx.parent_run_id else None
-                if parent_run is not None and path.name in (
-                    "results.parquet",
-                    "results.csv",
-                    "report.md",
-                    "report.html",
-                ):
-                    tracker.log_artifact(parent_run, path, None)
-            markdown = (out / "report.md").read_text()
+        headline = log_results_to_parent(tracker, ctx, df, stage.groups)
+        markdown = _publish(stage, df, headline, target, tracker, run, run_id)
         tracker.log_metrics(run, headline)
         _prefect_artifacts(df, markdown, target, ctx)
         table = to_markdown(_summary_table(df), index=False)  # printed by the CLI, an artifact in the UI
-        logger.info("results of %s: %d rows (the flow run's `results-table` artifact)", spec["experiment"], len(df))
+        logger.info("results of %s: %d rows (the flow run's `results-table` artifact)", stage.experiment, len(df))
     except BaseException:
         tracker.finish(run, "FAILED")
         raise
     tracker.finish(run)
-    return {
-        "results_uri": storage.join(target, "results.parquet"),
-        "report_uri": storage.join(target, "report.html"),
-        "headline": headline,
-        "table": table,
-        "run_id": run_id,
+    return RunSummary(
+        results_uri=storage.join(target, "results.parquet"),
+        report_uri=storage.join(target, "report.html"),
+        headline=headline,
+        table=table,
+        run_id=run_id,
+    )
+
+
+PARENT_FILES = ("results.parquet", "results.csv", "report.md", "report.html")
+
+
+def _publish(
+    stage: AggregateStage,
+    df: pd.DataFrame,
+    headline: dict[str, float],
+    target: str,
+    tracker: Tracker,
+    run: RunRef,
+    run_id: str,
+) -> str:
+    """Write the results, report, plots and headline to ``target`` and the aggregate run (the tables and report
+    also to the parent run); returns the report's markdown."""
+    from vit.report import write_report
+    from vit.results import write_results
+
+    plots = cached_plots(stage, df)
+    meta = {
+        "MLflow run": run_id,
+        "experiment": stage.experiment,
+        "model": stage.model_name,
+        "pre-training data": stage.pretrain_name,
+        "artifacts": target,
     }
+    parent_id = stage.tracking.parent_run_id
+    parent_run = tracker.existing_run(parent_id, "parent") if parent_id else None
+    with tempfile.TemporaryDirectory() as tmp:
+        out = Path(tmp)
+        write_results(df, out)
+        write_report(out, df, plots, title=f"vitflow — {stage.experiment}", meta=meta)
+        (out / "headline.json").write_text(json.dumps(headline, indent=2))
+        for path in sorted(p for p in out.rglob("*") if p.is_file()):
+            rel = path.relative_to(out).as_posix()
+            storage.upload(path, storage.join(target, rel))
+            tracker.log_artifact(run, path, str(Path(rel).parent) if "/" in rel else None)
+            if parent_run is not None and path.name in PARENT_FILES:
+                tracker.log_artifact(parent_run, path, None)
+        return (out / "report.md").read_text()
 
 
 def _summary_table(df: pd.DataFrame) -> pd.DataFrame:
@@ -335,5 +303,5 @@ def _prefect_artifacts(df: pd.DataFrame, markdown: str, target: str, ctx: Tracki
         if ctx.tracking_uri.startswith("http") and ctx.parent_run_id:
             url = f"{ctx.tracking_uri.rstrip('/')}/#/experiments/{ctx.experiment_id}/runs/{ctx.parent_run_id}"
             create_link_artifact(url, key="mlflow-run", link_text="MLflow run")
-    except Exception as e:  # noqa: BLE001 - outside a Prefect run (e.g. a rebuilt report)
+    except Exception as e:  # outside a Prefect run (e.g. a rebuilt report)
         run_logger().debug("no Prefect artifacts: %s", e)

@@ -9,7 +9,7 @@ import json
 import logging
 import re
 from collections.abc import Iterator
-from dataclasses import asdict, dataclass
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
@@ -31,9 +31,6 @@ class TrackingContext:
     experiment_id: str
     parent_run_id: str | None
     tags: dict[str, str]
-
-    def to_dict(self) -> dict[str, Any]:
-        return asdict(self)
 
 
 def stage_hash(kind: str, key: dict[str, Any]) -> str:

@@ -4,54 +4,50 @@ orchestrator knows where to look)."""
 
 from __future__ import annotations
 
-from typing import Any
-
 from prefect import task
-from prefect.cache_policies import NONE
 from prefect.deployments import run_deployment
 
-from tasks.common import read_done, run_logger, stage_uri
+from tasks import evaluate, train
+from tasks.common import read_done, run_logger
+from tasks.stages import FewshotResult, FewshotStage, TrainResult, TrainStage, cached_stage
 
 TRAIN_DEPLOYMENT = "train-stage/train-stage"
 FEWSHOT_DEPLOYMENT = "fewshot-stage/fewshot-stage"
 
 
-def _run(deployment: str, run_name: str, parameters: dict[str, Any]) -> None:
-    flow_run = run_deployment(deployment, parameters=parameters, flow_run_name=run_name, timeout=None)
+def _run(deployment: str, run_name: str, stage: TrainStage | FewshotStage) -> dict:
+    """Run the stage's deployment and wait; the stage's recorded result once it is there."""
+    if (done := read_done(stage.uri)) is not None:
+        return done
+    run_logger().info("%s: dispatched to the work pool", run_name)
+    flow_run = run_deployment(deployment, parameters={"stage": stage}, flow_run_name=run_name, timeout=None)
     state = flow_run.state
     if state is None or not state.is_completed():
         raise RuntimeError(
             f"{run_name}: run {flow_run.id} of deployment {deployment} ended "
             f"{state.name if state else 'without a state'}"
         )
-
-
-@task(name="dispatch-train", task_run_name="{run_name} (work pool)", cache_policy=NONE)
-def dispatch_train_task(run_name: str, parameters: dict[str, Any]) -> dict[str, Any]:
-    """Run ``train_task``'s parameters as a ``train-stage`` deployment run and return its stored result."""
-    p = parameters
-    uri = stage_uri(p["artifact_root"], p["kind"], run_name, p["key"])
-    if (done := read_done(uri)) is None:
-        run_logger().info("%s: dispatched to the work pool", run_name)
-        _run(TRAIN_DEPLOYMENT, run_name, {**parameters, "run_name": run_name})
-        done = read_done(uri)
-    if done is None:
-        raise RuntimeError(f"{run_name}: the deployment run finished but wrote no result to {uri}")
+    if (done := read_done(stage.uri)) is None:
+        raise RuntimeError(f"{run_name}: the deployment run finished but wrote no result to {stage.uri}")
     return done
 
 
-@task(name="dispatch-fewshot", task_run_name="fewshot:{benchmark}:{model_label} (work pool)", cache_policy=NONE)
-def dispatch_fewshot_task(benchmark: str, model_label: str, parameters: dict[str, Any]) -> dict[str, Any]:
-    from tasks.evaluate import fewshot_stage_uri
+@task(
+    name="dispatch-train",
+    task_run_name="{stage.title} (work pool)",
+    **cached_stage(train.record_reuse),
+)
+def dispatch_train_task(stage: TrainStage) -> TrainResult:
+    """Run a training stage as a ``train-stage`` deployment run and return its stored result."""
+    return TrainResult.model_validate(_run(TRAIN_DEPLOYMENT, stage.name, stage))
 
-    uri = fewshot_stage_uri(benchmark=benchmark, model_label=model_label, **parameters)
-    if (done := read_done(uri)) is None:
-        _run(
-            FEWSHOT_DEPLOYMENT,
-            f"fewshot:{benchmark}:{model_label}",
-            {**parameters, "benchmark": benchmark, "model_label": model_label},
-        )
-        done = read_done(uri)
-    if done is None:
-        raise RuntimeError(f"fewshot:{benchmark}: the deployment run finished but wrote no result to {uri}")
-    return done
+
+@task(
+    name="dispatch-fewshot",
+    task_run_name="fewshot {stage.benchmark} ({stage.model_label}, work pool)",
+    **cached_stage(evaluate.record_reuse),
+)
+def dispatch_fewshot_task(stage: FewshotStage) -> FewshotResult:
+    """Run a few-shot evaluation as a ``fewshot-stage`` deployment run and return its stored result."""
+    name = f"fewshot:{stage.benchmark}:{stage.model_label}"
+    return FewshotResult.model_validate(_run(FEWSHOT_DEPLOYMENT, name, stage))

@@ -3,31 +3,21 @@ linear evaluation on pre-logits features."""
 
 from __future__ import annotations
 
-from typing import Any
-
 from prefect import task
 from prefect.cache_policies import NONE
 
-from tasks.common import (
-    TrackingContext,
-    read_done,
-    run_logger,
-    stage_uri,
-    start_stage_run,
-    write_done,
-)
+from tasks.common import read_done, run_logger, stage_uri, start_stage_run, write_done
 from tasks.prepare import log_dataset_input
+from tasks.stages import FewshotResult, FewshotStage, cached_stage
+from tasks.tracking import RunRef, Tracker
 from vit import storage
 
 
-@task(name="init-checkpoint", task_run_name="init:{model}", cache_policy=NONE)
-def init_checkpoint_task(
-    model: str, image_size: int, seed: int, artifact_root: str, overrides: dict[str, Any] | None = None
-) -> str:
+@task(name="init-checkpoint", task_run_name="init {model}", cache_policy=NONE)
+def init_checkpoint_task(model: str, image_size: int, seed: int, artifact_root: str, gelu_approximate: str) -> str:
     """A randomly initialised model saved like a pre-trained one, so baselines go through the same stages."""
-    options = dict(overrides or {})
-    uri = stage_uri(artifact_root, "init", model, {"model": model, "image_size": image_size, "seed": seed, **options})
-    path = storage.join(uri, "model.safetensors")
+    key = {"model": model, "image_size": image_size, "seed": seed, "gelu_approximate": gelu_approximate}
+    path = storage.join(stage_uri(artifact_root, "init", model, key), "model.safetensors")
     if not storage.exists(path):
         import torch  # here: only a missing checkpoint needs it
 
@@ -35,130 +25,85 @@ def init_checkpoint_task(
         from vit.model import create_model
 
         torch.manual_seed(seed)
-        save_checkpoint(
-            path,
-            create_model(model, num_classes=0, image_size=image_size, **options),
-            {"step": 0, "seed": seed, "random_init": True},
-        )
+        net = create_model(model, num_classes=0, image_size=image_size, gelu_approximate=gelu_approximate)
+        save_checkpoint(path, net, {"step": 0, "seed": seed, "random_init": True})
     return path
 
 
-def _fewshot_key(
-    model_uri: str,
-    dataset: dict[str, Any],
-    train_split: str,
-    test_split: str,
-    shots: list[int],
-    seeds: list[int],
-    l2: float,
-    image_size: int | None,
-) -> dict[str, Any]:
+def fewshot_key(stage: FewshotStage) -> dict[str, object]:
+    """What identifies a few-shot evaluation's output (the stage folder is named by its hash)."""
     return {
-        "model": model_uri,
-        "dataset": dataset["fingerprint"],
-        "train": train_split,
-        "test": test_split,
-        "shots": shots,
-        "seeds": seeds,
-        "l2": l2,
-        "image_size": image_size,
+        "model": stage.model_uri,
+        "dataset": stage.dataset.fingerprint,
+        "train": stage.train_split,
+        "test": stage.test_split,
+        "shots": stage.shots,
+        "seeds": stage.seeds,
+        "l2": stage.l2,
+        "image_size": stage.image_size,
     }
 
 
-def fewshot_stage_uri(
-    benchmark: str,
-    model_label: str,
-    model_uri: str,
-    dataset: dict[str, Any],
-    train_split: str,
-    test_split: str,
-    shots: list[int],
-    seeds: list[int],
-    l2: float,
-    image_size: int | None,
-    artifact_root: str,
-    **_: Any,
-) -> str:
-    """Where :func:`fewshot_task` writes its result for these arguments (the work-pool dispatcher reads it there)."""
-    key = _fewshot_key(model_uri, dataset, train_split, test_split, shots, seeds, l2, image_size)
-    return stage_uri(artifact_root, "fewshot", f"{benchmark}-{model_label}", key)
+def _open_run(stage: FewshotStage, cached: bool) -> tuple[Tracker, RunRef]:
+    """The evaluation's MLflow run, with its parameters and dataset, tagged as reused or not."""
+    name = f"fewshot:{stage.benchmark}" + ("" if stage.model_label == "pretrained" else f":{stage.model_label}")
+    params = {"model_uri": stage.model_uri, **{k: v for k, v in fewshot_key(stage).items() if k != "model"}}
+    tags = {**stage.tags, "vitflow.stage_uri": stage.uri, "vitflow.cached": str(cached).lower()}
+    tracker, run = start_stage_run(stage.tracking, name, "fewshot", tags, params=params)
+    log_dataset_input(tracker, run, stage.dataset, "evaluation")
+    return tracker, run
 
 
-@task(name="fewshot", task_run_name="fewshot:{benchmark}:{model_label}", cache_policy=NONE)
-def fewshot_task(
-    benchmark: str,
-    model_label: str,
-    model_uri: str,
-    dataset: dict[str, Any],
-    train_split: str,
-    test_split: str,
-    shots: list[int],
-    seeds: list[int],
-    l2: float,
-    image_size: int | None,
-    artifact_root: str,
-    tracking: dict[str, Any],
-    tags: dict[str, str] | None = None,
-) -> dict[str, Any]:
+def _log_means(tracker: Tracker, run: RunRef, result: FewshotResult) -> None:
+    tracker.log_metrics(run, {f"fewshot/{result.benchmark}/{k}shot": v for k, v in result.mean.items()})
+
+
+def record_reuse(stage: FewshotStage, result: FewshotResult) -> None:
+    tracker, run = _open_run(stage, cached=True)
+    _log_means(tracker, run, result)
+    tracker.finish(run)
+
+
+@task(
+    name="fewshot",
+    task_run_name="fewshot {stage.benchmark} ({stage.model_label})",
+    **cached_stage(record_reuse),
+)
+def fewshot_task(stage: FewshotStage) -> FewshotResult:
     """Few-shot accuracy per (shots, seed); features are extracted once and reused for every shot and seed."""
-    logger = run_logger()
-    key = _fewshot_key(model_uri, dataset, train_split, test_split, shots, seeds, l2, image_size)
-    uri = fewshot_stage_uri(
-        benchmark, model_label, model_uri, dataset, train_split, test_split, shots, seeds, l2, image_size, artifact_root
-    )
-    done = read_done(uri)
-    name = f"fewshot:{benchmark}" + ("" if model_label == "pretrained" else f":{model_label}")
-    tracker, run = start_stage_run(
-        TrackingContext(**tracking),
-        name,
-        "fewshot",
-        {**(tags or {}), "vitflow.cached": str(done is not None).lower()},
-        params={"model_uri": model_uri, **{k: v for k, v in key.items() if k != "model"}},
-    )
-    log_dataset_input(tracker, run, dataset, "evaluation")
+    done = read_done(stage.uri)
+    tracker, run = _open_run(stage, cached=done is not None)
     try:
-        if done is None:
-            done = _evaluate(
-                benchmark, model_uri, dataset["uri"], train_split, test_split, shots, seeds, l2, image_size
-            )
-            write_done(uri, done)
-            logger.info(
-                "few-shot %s (%s): %s",
-                benchmark,
-                model_label,
-                ", ".join(f"{k}-shot {v:.3f}" for k, v in done["mean"].items()),
-            )
-        tracker.log_metrics(run, {f"fewshot/{benchmark}/{k}shot": v for k, v in done["mean"].items()})
+        if done is not None:
+            result = FewshotResult.model_validate(done)
+        else:
+            result = _evaluate(stage)
+            write_done(stage.uri, result.model_dump(mode="json"))
+            means = ", ".join(f"{k}-shot {v:.3f}" for k, v in result.mean.items())
+            run_logger().info("few-shot %s (%s): %s", stage.benchmark, stage.model_label, means)
+        _log_means(tracker, run, result)
     except BaseException:
         tracker.finish(run, "FAILED")
         raise
     tracker.finish(run)
-    return done
+    return result
 
 
-def _evaluate(
-    benchmark: str,
-    model_uri: str,
-    dataset_uri: str,
-    train_split: str,
-    test_split: str,
-    shots: list[int],
-    seeds: list[int],
-    l2: float,
-    image_size: int | None,
-) -> dict[str, Any]:
+def _evaluate(stage: FewshotStage) -> FewshotResult:
     import torch
 
     from vit import load_pretrained
     from vit.engine.protocol import fewshot_on_dataset
 
-    model = load_pretrained(model_uri).to("cuda" if torch.cuda.is_available() else "cpu")
-    if image_size and model.cfg.image_size != (image_size, image_size):  # None: the checkpoint's own
-        model.set_image_size(image_size)
-    frame = fewshot_on_dataset(model, dataset_uri, train_split, test_split, shots, seeds, l2)
+    model = load_pretrained(stage.model_uri).to("cuda" if torch.cuda.is_available() else "cpu")
+    if stage.image_size and model.cfg.image_size != (stage.image_size, stage.image_size):  # None: its own
+        model.set_image_size(stage.image_size)
+    frame = fewshot_on_dataset(
+        model, stage.dataset.uri, stage.train_split, stage.test_split, stage.shots, stage.seeds, stage.l2
+    )
     mean = frame.groupby("shots")["accuracy"].mean()
-    return {
-        "benchmark": benchmark,
-        "records": frame.to_dict("records"),
-        "mean": {str(int(k)): float(v) for k, v in mean.items()},
-    }
+    return FewshotResult(
+        benchmark=stage.benchmark,
+        records=frame.to_dict("records"),
+        mean={str(int(k)): float(v) for k, v in mean.items()},
+    )

@@ -91,6 +91,22 @@ class _Tail:
         return [c.decode() for c in chunks if c.strip()]
 
 
+def _start(
+    config_path: Path, events: Path, result: Path, log: Path, launch: Launch, env: dict[str, str]
+) -> subprocess.Popen | prefork.ForkedRun:
+    """The training process: forked from the prefork server, or a fresh interpreter (torchrun for several)."""
+    if launch.prefork and launch.single_process:
+        return prefork.ForkedRun(engine_args(config_path, events, result), env, log)
+    with open(log, "ab") as output:
+        return subprocess.Popen(
+            command(config_path, events, result, launch),
+            stdout=output,
+            stderr=subprocess.STDOUT,
+            env=env,
+            preexec_fn=prefork.die_with_parent,
+        )
+
+
 def run_training(
     cfg: TrainConfig,
     workdir: Path,
@@ -121,19 +137,7 @@ def run_training(
         for line in event_tail.read():
             on_event(json.loads(line))
 
-    if launch.prefork and launch.single_process:
-        proc: subprocess.Popen | prefork.ForkedRun = prefork.ForkedRun(
-            engine_args(config_path, events, result), env, log
-        )
-    else:
-        with open(log, "ab") as output:
-            proc = subprocess.Popen(
-                command(config_path, events, result, launch),
-                stdout=output,
-                stderr=subprocess.STDOUT,
-                env=env,
-                preexec_fn=prefork.die_with_parent,
-            )
+    proc = _start(config_path, events, result, log, launch, env)
     try:
         while True:
             try:

@@ -2,12 +2,11 @@
 
 from __future__ import annotations
 
-from typing import Any
-
 from prefect import task
 from prefect.cache_policies import NONE
 
-from tasks.common import TrackingContext, run_logger, start_stage_run
+from tasks.common import run_logger, start_stage_run
+from tasks.stages import DatasetRef, DatasetStage
 from tasks.tracking import RunRef, Tracker
 
 
@@ -19,65 +18,62 @@ def _retry_unless_bad_input(task, task_run, state) -> bool:
         state.result()
     except DataError:
         return False
-    except Exception:  # noqa: BLE001 - anything else may be transient
+    except Exception:  # anything else may be transient
         return True
     return False
 
 
-def dataset_ref(uri: str) -> dict[str, Any]:
-    """The small, JSON-able description of a prepared dataset that flows pass between tasks."""
+def dataset_ref(uri: str) -> DatasetRef:
+    """The small description of a prepared dataset that flows pass between tasks."""
     from vit.data import open_dataset
 
     ds = open_dataset(uri)
-    return {
-        "name": ds.name,
-        "uri": ds.uri,
-        "fingerprint": ds.fingerprint,
-        "num_classes": ds.num_classes,
-        "splits": {split: ds.count(split) for split in ds.splits},
-        "vtab_group": ds.info.get("vtab_group"),
-    }
+    return DatasetRef(
+        name=ds.name,
+        uri=ds.uri,
+        fingerprint=ds.fingerprint,
+        num_classes=ds.num_classes,
+        splits={split: ds.count(split) for split in ds.splits},
+        vtab_group=ds.info.get("vtab_group"),
+    )
 
 
-def log_dataset_input(tracker: Tracker, run: RunRef, ref: dict[str, Any], context: str) -> None:
-    tracker.log_dataset(run, ref["name"], ref["uri"], ref["fingerprint"], context, {"splits": ref["splits"]})
+def log_dataset_input(tracker: Tracker, run: RunRef, ref: DatasetRef, context: str) -> None:
+    tracker.log_dataset(run, ref.name, ref.uri, ref.fingerprint, context, {"splits": ref.splits})
 
 
+# Not a Prefect cache hit: the output folder is named by the source's fingerprint, known only once it is read;
+# prepare_dataset finds an earlier output by that fingerprint and returns it.
 @task(
     name="prepare-dataset",
-    task_run_name="prepare:{name}",
+    task_run_name="prepare:{stage.name}",
     retries=3,
     retry_delay_seconds=[10, 30, 90],
     retry_condition_fn=_retry_unless_bad_input,
     cache_policy=NONE,
 )
-def prepare_dataset_task(
-    name: str,
-    source: str,
-    options: dict[str, Any],
-    max_corrupt_fraction: float,
-    artifact_root: str,
-    tracking: dict[str, Any],
-    seed: int = 0,
-) -> dict[str, Any]:
+def prepare_dataset_task(stage: DatasetStage) -> DatasetRef:
     from vit.data import prepare_dataset
 
     logger = run_logger()
-    tracker, run = start_stage_run(
-        TrackingContext(**tracking),
-        f"prepare:{name}",
-        "prepare",
-        params={"source": source, "max_corrupt_fraction": max_corrupt_fraction, **options},
-    )
+    params = {"source": stage.source, "max_corrupt_fraction": stage.max_corrupt_fraction, **stage.options}
+    tracker, run = start_stage_run(stage.tracking, f"prepare:{stage.name}", "prepare", params=params)
     try:
         uri = prepare_dataset(
-            source, name, artifact_root, max_corrupt_fraction=max_corrupt_fraction, seed=seed, progress=False, **options
+            stage.source,
+            stage.name,
+            stage.artifact_root,
+            max_corrupt_fraction=stage.max_corrupt_fraction,
+            seed=stage.seed,
+            progress=False,
+            **stage.options,
         )
         ref = dataset_ref(uri)
-        tracker.set_tags(run, {"vitflow.dataset_uri": uri, "vitflow.fingerprint": ref["fingerprint"]})
-        tracker.log_metrics(run, {f"count/{split}": n for split, n in ref["splits"].items()})
+        tracker.set_tags(run, {"vitflow.dataset_uri": uri, "vitflow.fingerprint": ref.fingerprint})
+        tracker.log_metrics(run, {f"count/{split}": n for split, n in ref.splits.items()})
         log_dataset_input(tracker, run, ref, "prepared")
-        logger.info("dataset %s ready: %s (%s)", name, uri, ", ".join(f"{k} {v}" for k, v in ref["splits"].items()))
+        counts = ", ".join(f"{k} {v}" for k, v in ref.splits.items())
+        logger.info("dataset %s ready: %s (%s)", stage.name, uri, counts)
     except BaseException:
         tracker.finish(run, "FAILED")
         raise

@@ -8,25 +8,18 @@ metrics stream into the stage's MLflow run.
 
 from __future__ import annotations
 
+import copy
 import time
 from typing import Any
 
 from prefect import task
-from prefect.cache_policies import NONE
 
-from tasks.common import (
-    TrackingContext,
-    claim_stage,
-    local_workdir,
-    run_logger,
-    stage_uri,
-    start_stage_run,
-    write_done,
-)
-from tasks.launch import Launch, run_training
+from tasks.common import claim_stage, local_workdir, run_logger, start_stage_run, write_done
+from tasks.launch import run_training
 from tasks.models import CHECKPOINT_TAG, log_checkpoint
 from tasks.prepare import log_dataset_input
-from tasks.tracking import flatten, forward_events
+from tasks.stages import TestEval, TrainResult, TrainStage, cached_stage
+from tasks.tracking import RunRef, Tracker, flatten, forward_events
 from vit import storage
 
 
@@ -88,120 +81,132 @@ def _system_metrics(run_id: str | None, tracking_uri: str):
         monitor = SystemMetricsMonitor(run_id, sampling_interval=10, tracking_uri=tracking_uri)
         monitor.start()
         return monitor
-    except Exception:  # noqa: BLE001 - system metrics are a nicety, never a reason to fail
+    except Exception:  # system metrics are a nicety, never a reason to fail
         return None
 
 
-@task(name="train", task_run_name="{run_name}", retries=1, retry_delay_seconds=5, cache_policy=NONE)
-def train_task(
-    kind: str,
-    run_name: str,
-    key: dict[str, Any],
-    config: dict[str, Any],
-    artifact_root: str,
-    launch: dict[str, Any],
-    tracking: dict[str, Any],
-    datasets: list[dict[str, Any]],
-    test: dict[str, Any] | None = None,
-    register: dict[str, str] | None = None,
-    tags: dict[str, str] | None = None,
-) -> dict[str, Any]:
-    """Train (or reuse) one stage. ``test`` = {split, transform, real} evaluates the final weights on a split;
-    ``register`` = {name, alias} registers them in the MLflow model registry."""
-    from vit.engine.config import TrainConfig
+class _Events:
+    """Where the training process's events go: MLflow (every event), the progress artifact and log, warnings."""
 
-    logger = run_logger()
-    ctx = TrackingContext(**tracking)
-    uri = stage_uri(artifact_root, kind, run_name, key)
-    with claim_stage(uri) as done:  # one run trains a stage at a time; a concurrent one waits and reuses it
-        stage_tags = {**(tags or {}), "vitflow.stage_uri": uri, "vitflow.cached": str(done is not None).lower()}
-        tracker, run = start_stage_run(ctx, run_name, kind, stage_tags, params=flatten(config))
-        for ref in datasets:
-            log_dataset_input(tracker, run, ref, "training" if ref is datasets[0] else "evaluation")
+    def __init__(self, stage: TrainStage, tracker: Tracker, run: RunRef, logger: Any):
+        self.stage, self.tracker, self.run, self.logger = stage, tracker, run, logger
+        self.progress: _Progress | None = None
+
+    def __call__(self, event: dict[str, Any]) -> None:
+        forward_events(self.tracker, self.run, [event])
+        name = self.stage.name
+        if event["event"] == "start":
+            self.progress = _Progress(name, event["total_steps"], self.logger.info)
+            if event.get("resumed_from"):
+                self.logger.info("%s: resuming from the checkpoint at step %s", name, event["resumed_from"])
+                self.tracker.set_tags(self.run, {"vitflow.resumed_from": event["resumed_from"]})
+        elif event["event"] == "metrics" and self.progress is not None:
+            self.progress(event)
+        elif event["event"] == "warning":
+            self.logger.warning("%s: %s", name, event.get("message"))
+
+
+def _open_run(stage: TrainStage, cached: bool) -> tuple[Tracker, RunRef]:
+    """The stage's MLflow run, with its parameters and datasets, tagged as reused or not."""
+    tags = {**stage.tags, "vitflow.stage_uri": stage.uri, "vitflow.cached": str(cached).lower()}
+    tracker, run = start_stage_run(stage.tracking, stage.name, stage.kind, tags, params=flatten(stage.config.to_dict()))
+    for ref in stage.datasets:
+        log_dataset_input(tracker, run, ref, "training" if ref is stage.datasets[0] else "evaluation")
+    return tracker, run
+
+
+def record_reuse(stage: TrainStage, result: TrainResult) -> None:
+    """The MLflow run of a stage found finished: its recorded metrics, tagged ``vitflow.cached``."""
+    run_logger().info("%s: finished earlier, reusing %s", stage.name, stage.uri)
+    tracker, run = _open_run(stage, cached=True)
+    tracker.log_metrics(run, result.metrics, result.step)
+    tracker.set_tags(run, {"vitflow.model_uri": result.model_uri})
+    tracker.finish(run)
+
+
+@task(
+    name="train",
+    task_run_name="{stage.title}",
+    retries=1,
+    retry_delay_seconds=5,
+    **cached_stage(record_reuse),
+)
+def train_task(stage: TrainStage) -> TrainResult:
+    """Train (or reuse) one stage: a Prefect cache hit when the stage folder holds its result; else the folder's
+    ``_done.json`` (a stage another run finished) or its last checkpoint (an interrupted one) is where it resumes."""
+    with claim_stage(stage.uri) as done:  # one run trains a stage at a time; a concurrent one waits and reuses it
         if done is not None:
-            logger.info("%s: finished earlier, reusing %s", run_name, uri)
-            tracker.log_metrics(run, done["metrics"], done.get("step"))
-            tracker.set_tags(run, {"vitflow.model_uri": done["model_uri"]})
-            tracker.finish(run)
-            return done
-
-        cfg = TrainConfig.from_dict(config)
-        cfg.checkpoint.dir = storage.join(uri, "checkpoints")
-        progress = None
-        monitor = _system_metrics(run.id, ctx.tracking_uri)
-
-        def on_event(event: dict[str, Any]) -> None:
-            nonlocal progress
-            forward_events(tracker, run, [event])
-            if event["event"] == "start":
-                progress = _Progress(run_name, event["total_steps"], logger.info)
-                if event.get("resumed_from"):
-                    logger.info("%s: resuming from the checkpoint at step %s", run_name, event["resumed_from"])
-                    tracker.set_tags(run, {"vitflow.resumed_from": event["resumed_from"]})
-            elif event["event"] == "metrics" and progress is not None:
-                progress(event)
-            elif event["event"] == "warning":
-                logger.warning("%s: %s", run_name, event.get("message"))
-
-        try:
-            job = Launch(**launch)
-            with job.slots():
-                result = run_training(cfg, local_workdir(uri), job, on_event, logger.info)
-            metrics = {k: v for k, v in result["eval"].items() if k.startswith("val/") and k != "val/count"}
-            if test is not None:
-                from vit.engine.callbacks import JsonlLog
-
-                started = time.time()
-                metrics.update(_test_metrics(result["model_uri"], cfg.data.dataset, test, cfg.batch_size))
-                # when the test evaluation ran, in the stage's event log beside the engine's own events
-                JsonlLog(local_workdir(uri) / "events.jsonl")("test", result["step"], {"start": started})
-            model = None
-            if register or test is not None:  # the models people load: pre-trained, and final fine-tunes
-                model = log_checkpoint(
-                    tracker, run, ctx.experiment_id, result["model_uri"], local_workdir(uri) / "mlflow"
-                )
-            tracker.log_metrics(run, metrics, result["step"], model=model)
-            tracker.set_tags(run, {"vitflow.model_uri": result["model_uri"]})
-            if storage.is_s3(uri):  # the event log beside the checkpoints, for the curves of later reports
-                storage.upload(local_workdir(uri) / "events.jsonl", storage.join(uri, "events.jsonl"))
-            version = None
-            if register:
-                alias = register.get("alias")
-                tags = {CHECKPOINT_TAG: result["model_uri"]}
-                version = tracker.register_model(register["name"], model, alias, run, tags)
-                reference = f"models:/{register['name']}" + (f"@{alias}" if alias else "")
-                tracker.set_tags(run, {"vitflow.registered_model": reference})
-            done = {
-                "kind": kind,
-                "name": run_name,
-                "stage_uri": uri,
-                "model_uri": result["model_uri"],
-                "metrics": metrics,
-                "step": result["step"],
-                "run_id": run.id,
-                "model_version": version,
-            }
-            write_done(uri, done)
-        except BaseException:
-            tracker.finish(run, "FAILED")
-            raise
-        finally:
-            if monitor is not None:
-                monitor.finish()
-        tracker.finish(run)
-        return done
+            result = TrainResult.model_validate(done)
+            record_reuse(stage, result)
+            return result
+        return _train(stage)
 
 
-def _test_metrics(model_uri: str, dataset_uri: str, test: dict[str, Any], batch_size: int) -> dict[str, float]:
+def _train(stage: TrainStage) -> TrainResult:
+    tracker, run = _open_run(stage, cached=False)
+    monitor = _system_metrics(run.id, stage.tracking.tracking_uri)
+    try:
+        result = _run_stage(stage, tracker, run)
+        write_done(stage.uri, result.model_dump(mode="json"))
+    except BaseException:
+        tracker.finish(run, "FAILED")
+        raise
+    finally:
+        if monitor is not None:
+            monitor.finish()
+    tracker.finish(run)
+    return result
+
+
+def _run_stage(stage: TrainStage, tracker: Tracker, run: RunRef) -> TrainResult:
+    """Train in a child process, test the final weights, log them, register them."""
+    logger = run_logger()
+    cfg = copy.deepcopy(stage.config)
+    cfg.checkpoint.dir = storage.join(stage.uri, "checkpoints")
+    workdir = local_workdir(stage.uri)
+    with stage.launch.slots():
+        out = run_training(cfg, workdir, stage.launch, _Events(stage, tracker, run, logger), logger.info)
+    metrics = {k: v for k, v in out["eval"].items() if k.startswith("val/") and k != "val/count"}
+    if stage.test is not None:
+        from vit.engine.callbacks import JsonlLog
+
+        started = time.time()
+        metrics.update(_test_metrics(out["model_uri"], cfg.data.dataset, stage.test, cfg.batch_size))
+        # when the test evaluation ran, in the stage's event log beside the engine's own events
+        JsonlLog(workdir / "events.jsonl")("test", out["step"], {"start": started})
+    reg = stage.registration
+    model = None
+    if reg is not None or stage.test is not None:  # the models people load: pre-trained, and final fine-tunes
+        model = log_checkpoint(tracker, run, stage.tracking.experiment_id, out["model_uri"], workdir / "mlflow")
+    tracker.log_metrics(run, metrics, out["step"], model=model)
+    tracker.set_tags(run, {"vitflow.model_uri": out["model_uri"]})
+    if storage.is_s3(stage.uri):  # the event log beside the checkpoints, for the curves of later reports
+        storage.upload(workdir / "events.jsonl", storage.join(stage.uri, "events.jsonl"))
+    version = None
+    if reg is not None:
+        version = tracker.register_model(reg.name, model, reg.alias, run, {CHECKPOINT_TAG: out["model_uri"]})
+        reference = f"models:/{reg.name}" + (f"@{reg.alias}" if reg.alias else "")
+        tracker.set_tags(run, {"vitflow.registered_model": reference})
+    return TrainResult(
+        kind=stage.kind,
+        name=stage.name,
+        stage_uri=stage.uri,
+        model_uri=out["model_uri"],
+        metrics=metrics,
+        step=out["step"],
+        run_id=run.id,
+        model_version=version,
+    )
+
+
+def _test_metrics(model_uri: str, dataset_uri: str, test: TestEval, batch_size: int) -> dict[str, float]:
     import torch
 
     from vit import load_pretrained
     from vit.engine.protocol import evaluate_split
 
     model = load_pretrained(model_uri).to("cuda" if torch.cuda.is_available() else "cpu")
-    out = evaluate_split(
-        model, dataset_uri, test["split"], test["transform"], min(batch_size, 256), real=bool(test.get("real"))
-    )
+    out = evaluate_split(model, dataset_uri, test.split, test.transform, min(batch_size, 256), real=test.real)
     metrics = {"test/top1": out["top1"], "test/count": out["count"]}
     if "real_top1" in out:
         metrics.update({"test/real_top1": out["real_top1"], "test/real_count": out["real_count"]})

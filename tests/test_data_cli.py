@@ -59,7 +59,7 @@ def test_default_artifact_root_and_options(tmp_path, monkeypatch):
     [
         (("nowhere:/x",), "unknown source format"),
         (("imagefolder:/does/not/exist",), "does not exist"),
-        (("synthetic-vtab:structured_count", "-o", "broken"), "bad --option 'broken': write key=value"),
+        (("synthetic-vtab:structured_count", "-o", "broken"), "bad --option 'broken': not path.to.field=value"),
         (("synthetic-vtab:structured_count", "-o", "test=lots"), "option test='lots' is not an integer"),
         (("imagefolder:/tmp", "--download"), "--download supports cifar10"),
     ],

@@ -3,6 +3,7 @@ with proxied S3 artifacts, and Prefect's test harness: hierarchy, params, metric
 
 from __future__ import annotations
 
+import datetime
 import json
 import os
 import signal
@@ -128,6 +129,8 @@ def children(client: MlflowClient, parent_id: str) -> dict[str, object]:
 
 
 def test_benchmark_end_to_end_on_s3_and_mlflow_server(prefect_server, mlflow_server, s3_bucket, tmp_path):
+    from prefect.client.orchestration import get_client
+
     from flows.benchmark import benchmark
     from tasks.compare import compare, find_runs
 
@@ -136,13 +139,13 @@ def test_benchmark_end_to_end_on_s3_and_mlflow_server(prefect_server, mlflow_ser
     first = benchmark(spec=spec)
 
     client = MlflowClient(mlflow_server)
-    parent = client.get_run(first["run_id"])
+    parent = client.get_run(first.run_id)
     assert parent.info.status == "FINISHED"
     assert parent.data.params["pretrain.steps"] == "24" and parent.data.params["model.name"] == "vit_micro_4"
     assert parent.data.tags["vitflow.spec_hash"] == spec.spec_hash()
     assert parent.data.tags["prefect.flow_run_id"]
     assert "vitflow.git_commit" in parent.data.tags
-    runs = children(client, first["run_id"])
+    runs = children(client, first.run_id)
     assert {
         "prepare:synthetic-upstream",
         "pretrain:vit_micro_4",
@@ -168,29 +171,37 @@ def test_benchmark_end_to_end_on_s3_and_mlflow_server(prefect_server, mlflow_ser
         m.model_id for m in client.search_logged_models([pretrain.info.experiment_id], "name = 'pretrain-vit_micro_4'")
     ]
     # artifacts: the spec on the parent, results and report on the parent and the aggregate run (proxied to S3)
-    parent_files = {f.path for f in client.list_artifacts(first["run_id"])}
+    parent_files = {f.path for f in client.list_artifacts(first.run_id)}
     assert {"spec.json", "results.parquet", "results.csv", "report.html", "report.md"} <= parent_files
     assert "plots" in {f.path for f in client.list_artifacts(runs["aggregate"].info.run_id)}
     # the results table is in the S3 artifact store
-    assert first["results_uri"] == f"{root}/runs/{first['run_id']}/results.parquet"
-    assert storage.exists(first["results_uri"])
+    assert first.results_uri == f"{root}/runs/{first.run_id}/results.parquet"
+    assert storage.exists(first.results_uri)
 
-    # an unchanged re-run trains nothing: every stage is reused
+    # an unchanged re-run trains nothing: every stage is reused, a Prefect cache hit, and still in MLflow
+    rerun_started = datetime.datetime.now(datetime.UTC)
     second = benchmark(spec=spec)
-    reruns = children(client, second["run_id"])
+    reruns = children(client, second.run_id)
     trained = [n for n, r in reruns.items() if n.startswith(("pretrain:", "finetune:", "fewshot:"))]
     assert trained and all(reruns[n].data.tags["vitflow.cached"] == "true" for n in trained)
-    assert first["headline"] == second["headline"]
+    with get_client(sync_client=True) as prefect:
+        stages = [
+            r
+            for r in prefect.read_task_runs(limit=200)
+            if r.created >= rerun_started and r.name.startswith(("pretrain ", "finetune ", "fewshot "))
+        ]
+    assert len(stages) == len(trained) and {r.state.name for r in stages} == {"Cached"}
+    assert first.headline == second.headline
 
     # search_runs compares the two runs
     import mlflow
 
     mlflow.set_tracking_uri(mlflow_server)
     found = mlflow.search_runs(experiment_names=["pipeline-test"], filter_string="tags.`vitflow.stage` = 'flow'")
-    assert {first["run_id"], second["run_id"]} <= set(found["run_id"])
-    assert find_runs(mlflow_server, "pipeline-test", last=2) == [second["run_id"], first["run_id"]]
-    table = compare(mlflow_server, [first["run_id"], second["run_id"]], threshold=1.0)
-    assert not table["regressed"].any() and (table[f"Δ {second['run_id']}"] == 0).all()
+    assert {first.run_id, second.run_id} <= set(found["run_id"])
+    assert find_runs(mlflow_server, "pipeline-test", last=2) == [second.run_id, first.run_id]
+    table = compare(mlflow_server, [first.run_id, second.run_id], threshold=1.0)
+    assert not table["regressed"].any() and (table[f"Δ {second.run_id}"] == 0).all()
 
     # the `report` and `compare` commands on the same runs, through the CLI
     from typer.testing import CliRunner
@@ -198,14 +209,14 @@ def test_benchmark_end_to_end_on_s3_and_mlflow_server(prefect_server, mlflow_ser
     from flows.cli import app
 
     runner = CliRunner(env={"MLFLOW_TRACKING_URI": mlflow_server})
-    rebuilt = runner.invoke(app, ["report", first["run_id"], "--output", str(tmp_path / "report")])
+    rebuilt = runner.invoke(app, ["report", first.run_id, "--output", str(tmp_path / "report")])
     assert rebuilt.exit_code == 0, rebuilt.output
     html = (tmp_path / "report" / "report.html").read_text()
     assert "synth/natural_objects" in html and "data:image/png;base64," in html
     assert "| benchmark" in (tmp_path / "report" / "report.md").read_text()
     side_by_side = runner.invoke(app, ["compare", "--experiment", "pipeline-test", "--last", "2", "--format", "csv"])
     assert side_by_side.exit_code == 0, side_by_side.output
-    assert first["run_id"] in side_by_side.output and second["run_id"] in side_by_side.output
+    assert first.run_id in side_by_side.output and second.run_id in side_by_side.output
     assert "REGRESSED" not in side_by_side.output
     missing = runner.invoke(app, ["report", "0" * 32, "--output", str(tmp_path / "none")])
     assert missing.exit_code == 2

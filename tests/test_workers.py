@@ -154,8 +154,8 @@ def test_deployments_dispatch_on_two_workers_gives_the_local_results(pool, monke
     assert all(r["state_type"] == "COMPLETED" and r["work_pool_name"] == POOL for r in runs)
     assert {r["labels"]["prefect.worker.name"] for r in runs} == set(WORKERS)  # the fan-out used both workers
 
-    remote_table = results_table(remote["results_uri"], tmp_path / "remote")
-    local_table = results_table(local["results_uri"], tmp_path / "local")
+    remote_table = results_table(remote.results_uri, tmp_path / "remote")
+    local_table = results_table(local.results_uri, tmp_path / "local")
     assert len(remote_table) == 1 + 2 * 2  # the fine-tune's test accuracy; 2 shots x 2 seeds
     pd.testing.assert_frame_equal(remote_table, local_table)
-    assert remote["headline"] == local["headline"]
+    assert remote.headline == local.headline

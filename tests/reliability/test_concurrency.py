@@ -128,16 +128,21 @@ def test_two_runs_of_one_training_stage_at_once(tiny_dataset, tmp_path, monkeypa
     from prefect.settings import PREFECT_API_URL, PREFECT_CLIENT_MAX_RETRIES, temporary_settings
 
     from tasks.common import TrackingContext, stage_uri
+    from tasks.launch import Launch
     from tasks.prepare import dataset_ref
+    from tasks.stages import TrainStage
     from tasks.train import train_task
+    from vit.engine.config import TrainConfig
 
     monkeypatch.setenv("VITFLOW_MLFLOW_FLUSH_SECONDS", "0")
     root = str(tmp_path / "artifacts")
     config = train_config(tiny_dataset, "", steps=12, every=4)
-    tracking = TrackingContext("http://127.0.0.1:9", "0", None, {}).to_dict()
+    tracking = TrackingContext("http://127.0.0.1:9", "0", None, {})
     key = {"config": config}
-    kwargs = dict(kind="pretrain", run_name="pretrain:same", key=key, config=config, artifact_root=root,
-                  launch={"threads": 1}, tracking=tracking, datasets=[dataset_ref(tiny_dataset)])  # fmt: skip
+    uri = stage_uri(root, "pretrain", "pretrain:same", key)
+    stage = TrainStage(kind="pretrain", name="pretrain:same", title="pretrain same", uri=uri,
+                       config=TrainConfig.from_dict(config), launch=Launch(threads=1), tracking=tracking,
+                       datasets=[dataset_ref(tiny_dataset)])  # fmt: skip
     barrier = threading.Barrier(2)
     results: list[dict] = []
 
@@ -146,15 +151,14 @@ def test_two_runs_of_one_training_stage_at_once(tiny_dataset, tmp_path, monkeypa
         dead_api = {PREFECT_API_URL: "http://127.0.0.1:9/api", PREFECT_CLIENT_MAX_RETRIES: 0}
         with temporary_settings(dead_api):
             barrier.wait()
-            results.append(train_task.fn(**kwargs))
+            results.append(train_task.fn(stage))
 
     threads = [threading.Thread(target=run) for _ in range(2)]
     for t in threads:
         t.start()
     for t in threads:
         t.join(timeout=300)
-    assert len(results) == 2 and results[0] == results[1] and results[0]["step"] == 12
-    uri = stage_uri(root, "pretrain", "pretrain:same", key)
+    assert len(results) == 2 and results[0] == results[1] and results[0].step == 12
     lines = storage.read_text(f"{uri}/events.jsonl").splitlines()
     starts = [json.loads(line) for line in lines if '"start"' in line]
     assert len(starts) == 1 and starts[0]["resumed_from"] is None  # trained once, by one of the two

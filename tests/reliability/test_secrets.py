@@ -78,7 +78,7 @@ def test_no_secret_reaches_anything_the_pipeline_writes(
     client = MlflowClient(mlflow_server.url)
     experiment = client.get_experiment_by_name("secrets").experiment_id
     runs = client.search_runs([experiment], max_results=500)
-    assert summary["run_id"] in {r.info.run_id for r in runs} and len(runs) >= 5
+    assert summary.run_id in {r.info.run_id for r in runs} and len(runs) >= 5
     for run in runs:
         found += leaks(repr((run.data.params, run.data.tags, run.data.metrics, run.info)).encode(), run.info.run_name)
         local = Path(client.download_artifacts(run.info.run_id, "", str(tmp_path / "mlflow" / run.info.run_id)))
@@ -89,7 +89,7 @@ def test_no_secret_reaches_anything_the_pipeline_writes(
     found += [leak for where, text in records for leak in leaks(text.encode(), where)]
     # the artifact store (datasets, checkpoints, results, report) and everything under VITFLOW_HOME
     objects = storage.list_files(root)
-    assert summary["report_uri"] in objects and summary["results_uri"] in objects
+    assert summary.report_uri in objects and summary.results_uri in objects
     found += [leak for uri in objects for leak in leaks(storage.read_bytes(uri), uri)]
     home = Path(os.environ["VITFLOW_HOME"])
     assert any(home.rglob("*"))

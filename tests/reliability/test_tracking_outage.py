@@ -16,6 +16,7 @@ from tasks.launch import Launch, run_training
 from tasks.models import log_checkpoint
 from tasks.prepare import dataset_ref, log_dataset_input
 from tasks.settings import vitflow_home
+from tasks.stages import Registration, TrainStage
 from tasks.tracking import LOCAL_ID_TAG, Tracker, forward_events, sync_pending
 from tasks.train import train_task
 from tests.reliability.conftest import events, train_config
@@ -144,8 +145,8 @@ def _pretrain_stage(server, dataset: str, tmp_path: Path, label: str, kill_at: i
     root = str(tmp_path / label)
     config = train_config(dataset, "set-by-the-stage", 100, every=50)
     config["log_every"] = 5
-    key = {"test": "outage"}
-    workdir = local_workdir(stage_uri(root, "pretrain", "pretrain:micro", key))
+    uri = stage_uri(root, "pretrain", "pretrain:micro", {"test": "outage"})
+    workdir = local_workdir(uri)
     killed = threading.Event()
 
     def kill_mid_training() -> None:
@@ -156,17 +157,18 @@ def _pretrain_stage(server, dataset: str, tmp_path: Path, label: str, kill_at: i
 
     if kill_at is not None:
         threading.Thread(target=kill_mid_training, daemon=True).start()
-    done = train_task.fn(
-        "pretrain",
-        "pretrain:micro",
-        key,
-        config,
-        root,
-        {"threads": 1},
-        TrackingContext(server.url, experiment, None, {"vitflow.test": label}).to_dict(),
-        [dataset_ref(dataset)],
-        register={"name": f"vit-{label}", "alias": "candidate"},
+    stage = TrainStage(
+        kind="pretrain",
+        name="pretrain:micro",
+        title="pretrain micro",
+        uri=uri,
+        config=TrainConfig.from_dict(config),
+        launch=Launch(threads=1),
+        tracking=TrackingContext(server.url, experiment, None, {"vitflow.test": label}),
+        datasets=[dataset_ref(dataset)],
+        registration=Registration(name=f"vit-{label}", alias="candidate"),
     )
+    done = train_task.fn(stage).model_dump()
     if kill_at is not None:
         assert killed.is_set() and max(e["step"] for e in events(workdir)) > kill_at  # killed mid-training
     return done

@@ -1,7 +1,7 @@
 """The typed configuration of one training run — what ``python -m vit.engine CONFIG`` reads.
 
-Plain dataclasses (vit/ stays free of pydantic and Prefect); the pipeline's pydantic specs build these.
-Loaded from YAML or JSON, with ``key.sub=value`` overrides.
+Plain dataclasses (vit/ stays free of Prefect and MLflow), validated by pydantic when read; the pipeline's specs
+build these. Loaded from YAML or JSON, with ``key.sub=value`` overrides (``vit.overrides``).
 """
 
 from __future__ import annotations
@@ -10,7 +10,9 @@ import dataclasses
 import json
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any, Literal, get_args, get_origin, get_type_hints
+from typing import Any, Literal
+
+from pydantic import ConfigDict, TypeAdapter, ValidationError
 
 Objective = Literal["classification", "mpp"]
 Loss = Literal["sigmoid", "softmax"]
@@ -18,10 +20,33 @@ OptimizerName = Literal["adam", "sgd"]
 Decay = Literal["linear", "cosine", "step"]
 WeightDecayMode = Literal["lr_relative", "schedule_only"]
 Precision = Literal["fp32", "bf16", "fp16"]
+STRICT_FIELDS = ConfigDict(extra="forbid")  # a misspelt field is an error, not silently ignored
+
+
+# The rules a training run's settings obey, written once: TrainConfig.validate and the pipeline's specs use them.
+
+
+def length_error(steps: int | None, epochs: float | None) -> str | None:
+    return "give exactly one of steps and epochs" if (steps is None) == (epochs is None) else None
+
+
+def batch_error(batch_size: int, world_size: int, accum_steps: int, accum_name: str = "accum_steps") -> str | None:
+    """The global batch is split over devices and accumulation steps evenly."""
+    if batch_size % (world_size * accum_steps):
+        return f"{batch_size} is not divisible by devices ({world_size}) x {accum_name} ({accum_steps})"
+    return None
+
+
+def objective_error(objective: str, loss: str) -> str | None:
+    if objective == "mpp" and loss != "softmax":
+        return "objective mpp predicts 512 colour classes with softmax; set loss=softmax"
+    return None
 
 
 @dataclass
 class ModelConfig:
+    __pydantic_config__ = STRICT_FIELDS
+
     name: str = "vit_micro_4"
     image_size: int = 32
     num_classes: int | None = None  # None: the dataset's class count
@@ -37,6 +62,8 @@ class ModelConfig:
 
 @dataclass
 class DataConfig:
+    __pydantic_config__ = STRICT_FIELDS
+
     dataset: str = ""  # a prepared dataset URI (vit.data.prepare_dataset)
     train_split: str = "train"
     eval_split: str | None = None
@@ -53,6 +80,8 @@ class DataConfig:
 
 @dataclass
 class OptimConfig:
+    __pydantic_config__ = STRICT_FIELDS
+
     name: OptimizerName = "adam"
     lr: float = 1e-3
     betas: tuple[float, float] = (0.9, 0.999)
@@ -72,6 +101,8 @@ class OptimConfig:
 
 @dataclass
 class CheckpointConfig:
+    __pydantic_config__ = STRICT_FIELDS
+
     dir: str | None = None  # artifact URI; None disables checkpointing
     every_steps: int | None = None
     every_minutes: float | None = 30.0
@@ -81,6 +112,8 @@ class CheckpointConfig:
 
 @dataclass
 class TrainConfig:
+    __pydantic_config__ = STRICT_FIELDS
+
     objective: Objective = "classification"
     loss: Loss = "softmax"
     label_smoothing: float = 0.0
@@ -111,13 +144,10 @@ class TrainConfig:
             errors.append(f"batch_size must be > 0, got {self.batch_size}")
         if self.accum_steps <= 0:
             errors.append(f"accum_steps must be > 0, got {self.accum_steps}")
-        elif self.batch_size % (world_size * self.accum_steps):
-            errors.append(
-                f"batch_size {self.batch_size} is not divisible by devices ({world_size}) x accum_steps "
-                f"({self.accum_steps})"
-            )
-        if (self.steps is None) == (self.epochs is None):
-            errors.append("give exactly one of steps or epochs")
+        elif error := batch_error(self.batch_size, world_size, self.accum_steps):
+            errors.append(f"batch_size {error}")
+        if error := length_error(self.steps, self.epochs):
+            errors.append(error)
         if self.steps is not None and self.steps <= 0:
             errors.append(f"steps must be > 0, got {self.steps}")
         if self.epochs is not None and self.epochs <= 0:
@@ -134,8 +164,8 @@ class TrainConfig:
             errors.append(f"mixup_alpha must be >= 0, got {self.mixup_alpha}")
         if not 0.0 <= self.label_smoothing < 1.0:
             errors.append(f"label_smoothing must be in [0, 1), got {self.label_smoothing}")
-        if self.objective == "mpp" and self.loss != "softmax":
-            errors.append("objective mpp predicts 512 colour classes with softmax; set loss=softmax")
+        if error := objective_error(self.objective, self.loss):
+            errors.append(error)
         if errors:
             raise ValueError("invalid training config: " + "; ".join(errors))
 
@@ -150,7 +180,10 @@ class TrainConfig:
 
     @classmethod
     def from_dict(cls, data: dict[str, Any]) -> TrainConfig:
-        return _build(cls, data, "")
+        try:
+            return TypeAdapter(cls).validate_python(data)
+        except ValidationError as e:
+            raise ValueError(_explain(e)) from None
 
     @classmethod
     def load(cls, path: str | Path, overrides: list[str] | tuple[str, ...] = ()) -> TrainConfig:
@@ -161,65 +194,20 @@ class TrainConfig:
             data = yaml.safe_load(text) or {}
         else:
             data = json.loads(text)
-        for item in overrides:
-            apply_override(data, item)
-        return cls.from_dict(data)
+        from vit.overrides import apply_overrides
+
+        return cls.from_dict(apply_overrides(data, overrides))
 
 
-def apply_override(data: dict[str, Any], item: str) -> None:
-    """``optim.lr=0.01`` -> data["optim"]["lr"] = 0.01 (the value parsed as YAML: numbers, bools, null, lists)."""
-    import yaml
-
-    if "=" not in item:
-        raise ValueError(f"override {item!r} is not key=value")
-    key, raw = item.split("=", 1)
-    node = data
-    *parents, leaf = key.strip().split(".")
-    for part in parents:
-        node = node.setdefault(part, {})
-        if not isinstance(node, dict):
-            raise ValueError(f"override {item!r}: {part} is not a section")
-    node[leaf] = yaml.safe_load(raw)
-
-
-def _build(cls: type, data: dict[str, Any], prefix: str) -> Any:
-    if not isinstance(data, dict):
-        raise ValueError(f"{prefix or 'config'} must be a mapping, got {type(data).__name__}")
-    hints = get_type_hints(cls)
-    names = {f.name for f in dataclasses.fields(cls)}
-    unknown = sorted(set(data) - names)
-    if unknown:
-        raise ValueError(f"unknown config field(s) {', '.join(prefix + u for u in unknown)}")
-    kwargs = {}
-    for name, value in data.items():
-        hint = hints[name]
-        if dataclasses.is_dataclass(hint):
-            kwargs[name] = _build(hint, value, f"{prefix}{name}.")
+def _explain(error: ValidationError) -> str:
+    """pydantic's errors in the config's own words: the dotted field, what it must be."""
+    lines = []
+    for e in error.errors():
+        where = ".".join(str(p) for p in e["loc"]) or "config"
+        if e["type"] in ("extra_forbidden", "unexpected_keyword_argument"):
+            lines.append(f"unknown config field {where}")
+        elif e["type"] == "literal_error":
+            lines.append(f"{where} must be one of {e['ctx']['expected']}, got {e['input']!r}")
         else:
-            kwargs[name] = _coerce(hint, value, prefix + name)
-    return cls(**kwargs)
-
-
-def _coerce(hint: Any, value: Any, where: str) -> Any:
-    origin = get_origin(hint)
-    args = get_args(hint)
-    if value is None:
-        if type(None) in args:
-            return None
-        raise ValueError(f"{where} may not be null")
-    if origin is Literal:
-        if value not in args:
-            raise ValueError(f"{where} must be one of {list(args)}, got {value!r}")
-        return value
-    if args and type(None) in args:  # Optional[X]
-        inner = [a for a in args if a is not type(None)]
-        return _coerce(inner[0], value, where)
-    if origin is tuple:
-        if not isinstance(value, list | tuple) or len(value) != len(args):
-            raise ValueError(f"{where} must be a list of {len(args)} values, got {value!r}")
-        return tuple(_coerce(a, v, where) for a, v in zip(args, value, strict=True))
-    if hint is float and isinstance(value, int | float) and not isinstance(value, bool):
-        return float(value)
-    if hint in (int, float, str, bool) and (not isinstance(value, hint) or (hint is int and isinstance(value, bool))):
-        raise ValueError(f"{where} must be {hint.__name__}, got {value!r}")
-    return value
+            lines.append(f"{where}: {e['msg']}, got {e['input']!r}")
+    return "; ".join(lines)
