@@ -41,9 +41,7 @@ from vit.engine.recipes import select_best_lr
 def preload_imports(spec: BenchmarkSpec) -> None:
     """Import what the flow's first stages import (MLflow's SQL store, the dataset and report code), for a caller
     that would otherwise sit idle, e.g. while Prefect's temporary server boots: seconds saved off every run."""
-    import vit.data.dataset
-    import vit.data.prepare
-    import vit.report  # noqa: F401
+    import tasks.report  # noqa: F401
 
     if spec.resolved_tracking_uri().startswith("sqlite"):
         with contextlib.suppress(ImportError):  # MLflow's own module: if it moves, the flow imports it later

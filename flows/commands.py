@@ -355,8 +355,8 @@ def compare(
     """
     from tasks.compare import compare as compare_table
     from tasks.compare import find_runs, regressed_metrics
+    from tasks.results import to_markdown
     from tasks.settings import default_tracking_uri
-    from vit.results import to_markdown
 
     uri = default_tracking_uri()
     try:

@@ -21,8 +21,8 @@ from tasks.common import run_logger
 from tasks.compare import BaselineChoice, evaluation, judge, publish_verdict
 from tasks.models import resolve_model_ref
 from tasks.registry_ops import require_registered
+from tasks.results import to_markdown
 from tasks.stages import RunSummary
-from vit.results import to_markdown
 
 
 class RegressionDetected(RuntimeError):

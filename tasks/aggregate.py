@@ -25,10 +25,10 @@ from tasks.common import (
     start_stage_run,
     write_done,
 )
+from tasks.results import SCRATCH
 from tasks.stages import AggregateStage, RunSummary, TransferResults
 from tasks.tracking import RunRef, Tracker
 from vit import storage
-from vit.results import SCRATCH
 
 
 def result_records(run_id: str, model: str, pretrain: str, results: TransferResults) -> list[dict[str, Any]]:
@@ -53,11 +53,11 @@ def result_records(run_id: str, model: str, pretrain: str, results: TransferResu
 def log_results_to_parent(
     tracker: Tracker, ctx: TrackingContext, df: pd.DataFrame, groups: dict[str, str | None]
 ) -> dict[str, float]:
-    """Every result on the flow's parent run under one name (``vit.results.metric_name``, percent), so MLflow's
+    """Every result on the flow's parent run under one name (``tasks.results.metric_name``, percent), so MLflow's
     compare view and charts show several runs' accuracies side by side without opening children; few-shot
     accuracy also as a curve over shots (step = shots); the paper's number for a cell as tag ``paper/<name>``.
     Returns the metrics (the flow's headline)."""
-    from vit.results import fewshot_curves, paper_cells, run_metrics
+    from tasks.results import fewshot_curves, paper_cells, run_metrics
 
     metrics = run_metrics(df, groups)
     if ctx.parent_run_id:
@@ -199,7 +199,7 @@ def cached_plots(stage: AggregateStage, df: pd.DataFrame) -> dict[str, bytes]:
 @task(name="aggregate", task_run_name="aggregate {stage.experiment}", cache_policy=NONE)
 def aggregate_task(stage: AggregateStage) -> RunSummary:
     """Every result in one table, the report and its figures: to the artifact store, MLflow and the Prefect UI."""
-    from vit.results import RESULT_COLUMNS, results_frame, to_markdown
+    from tasks.results import RESULT_COLUMNS, results_frame, to_markdown
 
     logger = run_logger()
     ctx = stage.tracking
@@ -242,8 +242,8 @@ def _publish(
 ) -> str:
     """Write the results, report, plots and headline to ``target`` and the aggregate run (the tables and report
     also to the parent run); returns the report's markdown."""
-    from vit.report import write_report
-    from vit.results import write_results
+    from tasks.report import write_report
+    from tasks.results import write_results
 
     plots = cached_plots(stage, df)
     meta = {
@@ -273,7 +273,7 @@ def _summary_table(df: pd.DataFrame) -> pd.DataFrame:
     """Benchmark x setting mean accuracy (%): what the CLI prints at the end of a run. A cell is the parent run's
     MLflow metric ``<benchmark>/<setting>/top1``. Columns read left to right: the pre-trained model's fine-tune then
     its shots in increasing order, then the from-scratch baseline the same way."""
-    from vit.results import setting_name
+    from tasks.results import setting_name
 
     if df.empty:
         return pd.DataFrame({"benchmark": []})

@@ -48,7 +48,7 @@ def find_runs(
 
 def run_results(tracking_uri: str, run_id: str, include_baselines: bool = False) -> pd.DataFrame:
     """The tidy results table a flow run wrote (found through its ``vitflow.results_uri`` tag)."""
-    from vit.results import read_results
+    from tasks.results import read_results
 
     try:
         run = MlflowClient(tracking_uri).get_run(run_id)
@@ -68,7 +68,7 @@ def compare(
 ) -> pd.DataFrame:
     """Metrics of the runs side by side (oldest first), deltas and a ``regressed`` flag (drops > threshold
     percentage points against ``baseline``, or against the run before)."""
-    from vit.results import compare_runs
+    from tasks.results import compare_runs
 
     if not run_ids:
         raise ValueError("no runs to compare")

@@ -17,7 +17,7 @@ _META_TAGS = ("vitflow.spec_hash", "vitflow.git_commit", "vitflow.preset", "vitf
 
 def _run_outputs(tracking_uri: str, run_id: str, tmp: Path) -> tuple[Run, pd.DataFrame, dict[str, bytes]]:
     """(MLflow run, results table, plots by name) of one finished flow run."""
-    from vit.results import read_results
+    from tasks.results import read_results
 
     try:
         run = MlflowClient(tracking_uri).get_run(run_id)
@@ -39,7 +39,7 @@ def _run_outputs(tracking_uri: str, run_id: str, tmp: Path) -> tuple[Run, pd.Dat
 def rebuild_report(tracking_uri: str, run_ids: str | Sequence[str], output: Path) -> dict[str, Path]:
     """The report of one run, or of several runs merged (e.g. the ViT and the BiT runs of the ``bit-vs-vit``
     preset): their results form one table, so the paper-style tables show each model as a column of its own."""
-    from vit.report import write_report
+    from tasks.report import write_report
 
     ids = [run_ids] if isinstance(run_ids, str) else list(run_ids)
     with tempfile.TemporaryDirectory() as tmp:

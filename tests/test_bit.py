@@ -264,7 +264,7 @@ def test_bit_vs_vit_preset_trains_matched_models_on_the_same_data_each_with_its_
 
 
 def test_paper_numbers_of_bit_l_find_a_bit_r152x4_result():
-    from vit.results import paper_table, results_frame
+    from tasks.results import paper_table, results_frame
 
     row = {"run": "r", "model": "bit_r152x4", "pretrain": "JFT-300M", "benchmark": "cifar10", "split": "test"}
     table = paper_table(results_frame([{**row, "metric": "top1", "value": 99.0}]))
@@ -275,7 +275,7 @@ def test_report_of_a_vit_run_and_a_bit_run_puts_them_side_by_side(tmp_path):
     from mlflow import MlflowClient
 
     from tasks.reports import rebuild_report
-    from vit.results import results_frame, write_results
+    from tasks.results import results_frame, write_results
 
     uri = f"sqlite:///{tmp_path / 'mlflow.db'}"
     client = MlflowClient(uri)

@@ -8,9 +8,9 @@ import pytest
 from mlflow import MlflowClient
 from typer.testing import CliRunner
 
+from tasks import results as R
 from tasks.compare import BaselineChoice, evaluation, find_baseline, judge
 from tasks.registry_ops import ModelNotRegistered, require_registered
-from vit import results as R
 
 MODEL, SUITE, EXPERIMENT = "nightly-model", "fewshot-nightly", "transfer-eval-fewshot-nightly"
 REF = f"models:/{MODEL}@candidate"

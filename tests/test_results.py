@@ -11,9 +11,9 @@ import pandas as pd
 import pytest
 from PIL import Image
 
-from vit import results as R
+from tasks import results as R
+from tasks.report import build_report, write_report
 from vit import vtab
-from vit.report import build_report, write_report
 
 # ---------------------------------------------------------------------------------------------------------------
 # The paper's tables as paper-facts.md (§9.1, §9.2, §9.3, §8) types them.

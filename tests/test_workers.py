@@ -125,8 +125,8 @@ def small_spec(pool: Pool, root: str):
 
 
 def results_table(uri: str, tmp: Path) -> pd.DataFrame:
+    from tasks.results import read_results
     from vit import storage
-    from vit.results import read_results
 
     tmp.mkdir()
     table = read_results(storage.download(uri, tmp / "results.parquet")).drop(columns=["run"])

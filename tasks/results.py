@@ -8,7 +8,7 @@ split, e.g. ImageNet's validation set as in the paper; ``val`` the held-out mini
 ``value`` (accuracies in percent, like the paper, so deltas are percentage points), ``seed`` and ``shots`` (few-shot
 rows only; empty for fine-tuning).
 
-The paper's Tables 2, 5, 6 and 9 ship as ``vit/paper_numbers.csv`` (columns table, model, pretrain, benchmark,
+The paper's Tables 2, 5, 6 and 9 ship as ``tasks/paper_numbers.csv`` (columns table, model, pretrain, benchmark,
 metric, value, std, epochs, note). A result is compared with a paper number only when the model AND the pre-training
 data match. Several tables can hold a number for the same setup; the first of ``PAPER_TABLE_ORDER`` wins: Table 5
 (fine-tuned at 384 px without Polyak averaging, the setup this pipeline runs), then Table 2 (512/518 px with Polyak
@@ -186,8 +186,8 @@ def _benchmark_rank(key: str) -> tuple[int, str]:
 
 
 def paper_reference() -> pd.DataFrame:
-    """The paper's Tables 2, 5, 6 and 9 as shipped in ``vit/paper_numbers.csv`` (numbers in percent)."""
-    with resources.files("vit").joinpath("paper_numbers.csv").open("r", encoding="utf-8") as f:
+    """The paper's Tables 2, 5, 6 and 9 as shipped in ``tasks/paper_numbers.csv`` (numbers in percent)."""
+    with resources.files("tasks").joinpath("paper_numbers.csv").open("r", encoding="utf-8") as f:
         df = pd.read_csv(f, dtype={"note": str}, keep_default_na=False, na_values={"std": [""], "epochs": [""]})
     df["epochs"] = df["epochs"].astype("Int64")
     return df

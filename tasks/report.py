@@ -1,6 +1,6 @@
 """The run report: a markdown page and a self-contained HTML page (styled tables, PNGs embedded as base64).
 
-Both are rendered from the same list of blocks: a summary, the paper-shaped tables of ``vit.results`` with the
+Both are rendered from the same list of blocks: a summary, the paper-shaped tables of ``tasks.results`` with the
 paper's numbers and deltas, VTAB-1k, few-shot and the plots. The markdown links each plot as ``plots/<name>.png``;
 ``write_report`` puts the PNGs there, next to ``report.md``.
 """
@@ -16,7 +16,7 @@ from pathlib import Path
 
 import pandas as pd
 
-from vit import results as R
+from tasks import results as R
 
 PNG_SIGNATURE = b"\x89PNG\r\n\x1a\n"
 PlotSource = bytes | str | Path
@@ -173,7 +173,7 @@ def build_report(
     title: str = "vitflow report",
     meta: Mapping[str, object] | None = None,
 ) -> tuple[str, str]:
-    """``(markdown, html)`` of a results table (the tidy table of ``vit.results``).
+    """``(markdown, html)`` of a results table (the tidy table of ``tasks.results``).
 
     Sections: ``meta`` (run ids, spec hash, commit, ...) under the title, a summary, the paper-shaped tables with the
     paper's numbers and deltas, VTAB-1k, few-shot, and the plots (PNG bytes or files, by caption). The HTML embeds
