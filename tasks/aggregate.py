@@ -103,6 +103,7 @@ def analysis_figures(
     """The paper's Fig. 6/7 pictures for a model: attention distance, rollout, position similarity, filters."""
     import torch
 
+    from tasks import plots
     from vit import analysis, load_pretrained
     from vit.data import build_transform, open_dataset
 
@@ -113,13 +114,13 @@ def analysis_figures(
     loader = ds.loader(split, max(num_images, 32), build_transform("eval", image_size), shuffle=False, repeat=False)
     images = next(iter(loader))[0]
     figures = {
-        "attention distance": analysis.plot_attention_distance(
+        "attention distance": plots.plot_attention_distance(
             analysis.model_attention_distance(model, images), image_size=image_size
         ),
-        "position embedding similarity": analysis.plot_position_similarity(
+        "position embedding similarity": plots.plot_position_similarity(
             analysis.position_embedding_similarity(model.pos_embed.detach(), model.grid_size, model.num_prefix_tokens)
         ),
-        "embedding filters": analysis.plot_embedding_filters(
+        "embedding filters": plots.plot_embedding_filters(
             analysis.embedding_filter_pca(
                 model.patch_embed.proj.weight.detach(), k=min(28, model.patch_embed.proj.weight.shape[0])
             )
@@ -128,14 +129,14 @@ def analysis_figures(
     shown = images[:num_images]
     with torch.no_grad():
         maps = analysis.attention_rollout(model.attention_maps(shown), model.grid_size, model.num_prefix_tokens)
-    figures["attention rollout"] = analysis.plot_rollout_overlays(list(shown), maps)
+    figures["attention rollout"] = plots.plot_rollout_overlays(list(shown), maps)
     return figures
 
 
 def make_plots(stage: AggregateStage, df: pd.DataFrame) -> dict[str, bytes]:
     """Every figure of the report: training curves, the learning-rate sweep, few-shot accuracy and, when analysis
     is on, the paper's Fig. 6/7 pictures."""
-    from vit import analysis
+    from tasks.plots import plot_fewshot, plot_lr_sweep, plot_training_curves
 
     plots: dict[str, bytes] = {}
     results = stage.results
@@ -148,7 +149,7 @@ def make_plots(stage: AggregateStage, df: pd.DataFrame) -> dict[str, bytes]:
         stages = {"pretrain": stage.pretrained.stage_uri, **stages}
     curves = training_curves(stages)
     if not curves.empty:
-        plots["training curves"] = analysis.plot_training_curves(curves)
+        plots["training curves"] = plot_training_curves(curves)
     if results.sweeps:
         sweep = pd.DataFrame(
             [
@@ -157,7 +158,7 @@ def make_plots(stage: AggregateStage, df: pd.DataFrame) -> dict[str, bytes]:
                 if r.model != SCRATCH
             ]
         )
-        plots["learning-rate sweep"] = analysis.plot_lr_sweep(sweep)
+        plots["learning-rate sweep"] = plot_lr_sweep(sweep)
     few = df[df["shots"].notna()]
     if not few.empty:
         few = few.assign(
@@ -165,7 +166,7 @@ def make_plots(stage: AggregateStage, df: pd.DataFrame) -> dict[str, bytes]:
             variant=few["pretrain"].map(lambda p: "from scratch" if p == SCRATCH else "pre-trained"),
             accuracy=few["value"] / 100,
         )
-        plots["few-shot accuracy"] = analysis.plot_fewshot(few[["dataset", "variant", "shots", "seed", "accuracy"]])
+        plots["few-shot accuracy"] = plot_fewshot(few[["dataset", "variant", "shots", "seed", "accuracy"]])
     if (target := stage.analysis) is not None:
         plots.update(
             analysis_figures(target.model_uri, target.dataset_uri, target.split, target.image_size, target.num_images)

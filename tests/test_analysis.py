@@ -12,6 +12,7 @@ import pytest
 import torch
 from PIL import Image
 
+from tasks import plots as P
 from tests.helpers import images, randomize_
 from vit import analysis as A
 from vit.model import create_model
@@ -180,18 +181,18 @@ def test_every_plot_writes_a_readable_png(tmp_path):
         ]
     )
     plots = {
-        "distance": lambda p: A.plot_attention_distance(A.mean_attention_distance(maps, (8, 8), 4), p, image_size=32),
-        "rollout": lambda p: A.plot_rollout_overlays(x, A.attention_rollout(maps, (8, 8)), p),
-        "posemb": lambda p: A.plot_position_similarity(A.position_embedding_similarity(model.pos_embed, (8, 8)), p),
-        "filters": lambda p: A.plot_embedding_filters(A.embedding_filter_pca(model.patch_embed.proj.weight), p),
-        "curves": lambda p: A.plot_training_curves(curves, p),
-        "sweep": lambda p: A.plot_lr_sweep(sweep, p),
-        "fewshot": lambda p: A.plot_fewshot(fewshot, p),
+        "distance": lambda p: P.plot_attention_distance(A.mean_attention_distance(maps, (8, 8), 4), p, image_size=32),
+        "rollout": lambda p: P.plot_rollout_overlays(x, A.attention_rollout(maps, (8, 8)), p),
+        "posemb": lambda p: P.plot_position_similarity(A.position_embedding_similarity(model.pos_embed, (8, 8)), p),
+        "filters": lambda p: P.plot_embedding_filters(A.embedding_filter_pca(model.patch_embed.proj.weight), p),
+        "curves": lambda p: P.plot_training_curves(curves, p),
+        "sweep": lambda p: P.plot_lr_sweep(sweep, p),
+        "fewshot": lambda p: P.plot_fewshot(fewshot, p),
         # small multiples: pre-trained and from-scratch runs of one benchmark share a panel
-        "curves-grouped": lambda p: A.plot_training_curves(
+        "curves-grouped": lambda p: P.plot_training_curves(
             curves.assign(group="cifar10", variant=curves["stage"].map({"pretrain": "a", "finetune:cifar10": "b"})), p
         ),
-        "fewshot-variants": lambda p: A.plot_fewshot(fewshot.assign(variant=fewshot["seed"].map(str)), p),
+        "fewshot-variants": lambda p: P.plot_fewshot(fewshot.assign(variant=fewshot["seed"].map(str)), p),
     }
     for name, plot in plots.items():
         path = tmp_path / "plots" / f"{name}.png"
