@@ -18,7 +18,7 @@ import time
 from pathlib import Path
 
 from flows.stack import HOST, StackError, http_ok
-from vit.engine.prefork import die_with_parent
+from tasks.prefork import die_with_parent
 
 
 class TemporaryServer:

@@ -1,6 +1,6 @@
 """Run ``python -m vit.engine`` in a child process (``torchrun`` for several processes) and stream it back.
 
-A single-process run is forked from ``vit.engine.prefork``'s server, which has imported torch and the engine
+A single-process run is forked from ``tasks.prefork``'s server, which has imported torch and the engine
 already (``Launch(prefork=False)``: a fresh interpreter each time). The child writes JSON-lines events (metrics,
 evaluations, checkpoints) and its output to files this process tails: the events go to the supervising Prefect
 task, which forwards them to MLflow, the output to its logger. A training crash therefore never takes the
@@ -20,7 +20,7 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
-from vit.engine import prefork
+from tasks import prefork
 from vit.engine.config import TrainConfig
 
 EXIT_NONFINITE, EXIT_PREEMPTED = 3, 143
@@ -39,7 +39,7 @@ class Launch:
     rdzv_endpoint: str | None = None
     threads: int | None = None  # OMP threads per process
     gpu_slots_limit: str | None = None  # Prefect global concurrency limit, one slot per GPU
-    prefork: bool = True  # a single-process run forks from vit.engine.prefork's warm server (no import cost)
+    prefork: bool = True  # a single-process run forks from tasks.prefork's warm server (no import cost)
 
     @property
     def single_process(self) -> bool:

@@ -1,4 +1,4 @@
-"""Training runs forked from the warm server (``vit.engine.prefork``, the default of ``tasks.launch``) behave like
+"""Training runs forked from the warm server (``tasks.prefork``, the default of ``tasks.launch``) behave like
 ``python -m vit.engine`` in a fresh interpreter: same weights, exit codes, SIGTERM checkpoints, and no run outlives
 the server or the process that started it."""
 
@@ -13,10 +13,10 @@ import psutil
 import pytest
 import torch
 
+from tasks import prefork
 from tasks.launch import Launch, TrainingFailed, run_training
 from tests.reliability.conftest import events, train_config, wait_for
 from vit.checkpoints import load_checkpoint
-from vit.engine import prefork
 from vit.engine.config import TrainConfig
 
 

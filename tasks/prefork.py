@@ -2,7 +2,7 @@
 
 ``python -m vit.engine`` spends seconds on imports before its first step (torch, then torchvision, which pulls in
 ``torch._dynamo``): on a CPU that is as long as a short fine-tune. A pipeline of many stages instead forks each
-run from a small server, ``python -m vit.engine.prefork``, that paid those imports once; it starts with the first
+run from a small server, ``python -m tasks.prefork``, that paid those imports once; it starts with the first
 run and lives as long as the process that started it. Each run is still a process of its own, started as
 ``python -m vit.engine ARGS`` would be: its own environment, its output in a log file, its exit code
 (``ForkedRun`` answers like ``subprocess.Popen``), SIGTERM to checkpoint and stop. It gets SIGTERM when the server
@@ -48,7 +48,7 @@ class _Client:
 
     def __init__(self) -> None:
         self.process = subprocess.Popen(
-            [sys.executable, "-m", "vit.engine.prefork"],
+            [sys.executable, "-m", "tasks.prefork"],
             stdin=subprocess.PIPE,
             stdout=subprocess.PIPE,
             preexec_fn=die_with_parent,
