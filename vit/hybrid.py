@@ -16,6 +16,8 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
+from vit.init import lecun_normal_
+
 if TYPE_CHECKING:
     from vit.configs import ViTConfig
 
@@ -39,8 +41,6 @@ class StdConv2d(nn.Conv2d):
 
     def __init__(self, in_chans: int, out_chans: int, kernel_size: int, stride: int = 1):
         super().__init__(in_chans, out_chans, kernel_size, stride=stride, bias=False)
-        from vit.model import lecun_normal_
-
         lecun_normal_(self.weight)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:

@@ -25,19 +25,8 @@ if TYPE_CHECKING:
     from vit.bit import ResNetV2
 
 from vit.configs import BiTConfig, GeluApproximate, ViTConfig, as_hw, is_bit, model_config, token_grid
-
-# --------------------------------------------------------------------------------------------------------------
-# Official initialisers (Flax defaults), see paper-facts §2.3.
-
-_TRUNC_NORMAL_STD_CORRECTION = 0.87962566103423978  # std of a unit normal truncated to [-2, 2]
-
-
-def lecun_normal_(weight: torch.Tensor) -> torch.Tensor:
-    """Flax ``lecun_normal``: truncated normal with variance 1/fan_in (fan_in over all but the output dim)."""
-    fan_in = weight[0].numel()
-    std = math.sqrt(1.0 / fan_in) / _TRUNC_NORMAL_STD_CORRECTION
-    return nn.init.trunc_normal_(weight, std=std, a=-2 * std, b=2 * std)
-
+from vit.hybrid import ResNetStem, resnet_macs
+from vit.init import lecun_normal_
 
 # --------------------------------------------------------------------------------------------------------------
 # Modules
@@ -57,8 +46,6 @@ class PatchEmbed(nn.Module):
         self.backbone: nn.Module | None = None
         in_chans = cfg.in_chans
         if cfg.is_hybrid:
-            from vit.hybrid import ResNetStem
-
             self.backbone = ResNetStem(cfg.resnet_layers, cfg.resnet_width, cfg.in_chans)
             in_chans = self.backbone.out_channels
         self.proj = nn.Conv2d(in_chans, cfg.hidden_size, kernel_size=cfg.patch_size, stride=cfg.patch_size)
@@ -345,8 +332,6 @@ def flops_per_image(cfg: ViTConfig, training: bool = True) -> float:
     patch_in = cfg.in_chans * cfg.patch_size**2
     macs = cfg.depth * per_layer + gh * gw * patch_in * d + cfg.num_features * max(cfg.num_classes, 0)
     if cfg.is_hybrid:
-        from vit.hybrid import resnet_macs
-
         macs += resnet_macs(cfg)
     fwd = 2.0 * macs
     return 3.0 * fwd if training else fwd
