@@ -14,9 +14,11 @@ from typing import Annotated
 import typer
 
 from flows import commands, promote, stack
+from flows.commands import fail
 from tasks.settings import default_artifact_root
 from vit.data.base import CorruptDataError, DataError
 from vit.data.sources import FORMATS, parse_source
+from vit.engine.exit_codes import EXIT_BAD_INPUT, EXIT_FAILED
 from vit.overrides import parse_overrides
 
 app = typer.Typer(
@@ -40,11 +42,6 @@ data_app = typer.Typer(
 app.add_typer(data_app, name="data")
 
 DOWNLOADERS = ("cifar10", "cifar100", "fashion-mnist", "pets", "flowers102")
-
-
-def fail(message: str, code: int) -> typer.Exit:
-    typer.echo(f"error: {message}", err=True)
-    return typer.Exit(code)
 
 
 def download(source: str) -> None:
@@ -122,9 +119,9 @@ def prepare(
             **options,
         )
     except CorruptDataError as exc:
-        raise fail(str(exc), 1) from None
+        raise fail(str(exc), EXIT_FAILED) from None
     except (DataError, ValueError) as exc:
-        raise fail(str(exc), 2) from None
+        raise fail(str(exc), EXIT_BAD_INPUT) from None
     typer.echo(uri)
 
 
@@ -138,7 +135,7 @@ def info(
     try:
         ds = open_dataset(uri)
     except DataError as exc:
-        raise fail(str(exc), 2) from None
+        raise fail(str(exc), EXIT_BAD_INPUT) from None
     if as_json:
         typer.echo(json.dumps(ds.info, indent=2))
         return

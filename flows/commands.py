@@ -13,11 +13,11 @@ from typing import TYPE_CHECKING, Annotated
 import typer
 
 from flows import prefect_server
+from vit.engine.exit_codes import EXIT_BAD_INPUT, EXIT_FAILED, EXIT_REGRESSION
 
 if TYPE_CHECKING:
     from tasks.stages import RunSummary
 
-EXIT_FAILED, EXIT_BAD_INPUT, EXIT_REGRESSION = 1, 2, 3
 
 SetOption = Annotated[
     list[str] | None,
@@ -31,7 +31,7 @@ SetOption = Annotated[
 ]
 
 
-def _fail(message: str, code: int) -> typer.Exit:
+def fail(message: str, code: int) -> typer.Exit:
     typer.secho(f"error: {message}", err=True, fg=typer.colors.RED)
     return typer.Exit(code)
 
@@ -58,7 +58,7 @@ def _spec(preset: str, overrides: list[str] | None, check_inputs: bool = True):
             spec.check_inputs()
         return spec
     except ValueError as e:  # pydantic.ValidationError is a ValueError
-        raise _fail(_validation_message(e), EXIT_BAD_INPUT) from None
+        raise fail(_validation_message(e), EXIT_BAD_INPUT) from None
 
 
 def _check_artifact_root(root: str) -> None:
@@ -69,7 +69,7 @@ def _check_artifact_root(root: str) -> None:
     try:
         storage.check_writable(root)
     except storage.StorageError as e:
-        raise _fail(f"artifact_root: {e}", EXIT_BAD_INPUT) from None
+        raise fail(f"artifact_root: {e}", EXIT_BAD_INPUT) from None
 
 
 def _where_to_look(summary: RunSummary, tracking_uri: str) -> None:
@@ -112,14 +112,14 @@ def run(
     """
     spec = _spec(preset, overrides, check_inputs=not dry_run)  # a plan is wanted before the data is there
     if dispatch not in (None, "local", "deployments"):
-        raise _fail(f"--dispatch must be local or deployments, got {dispatch!r}", EXIT_BAD_INPUT)
+        raise fail(f"--dispatch must be local or deployments, got {dispatch!r}", EXIT_BAD_INPUT)
     if dry_run:
         from flows.costs import cost_plan, render
 
         try:
             plan = cost_plan(spec, gpu, mfu)
         except ValueError as e:
-            raise _fail(str(e), EXIT_BAD_INPUT) from None
+            raise fail(str(e), EXIT_BAD_INPUT) from None
         typer.echo(json.dumps(spec.model_dump(mode="json"), indent=2))
         typer.echo(render(plan))
         return
@@ -133,7 +133,7 @@ def run(
             server.wait_until_healthy(float(os.environ.get("PREFECT_SERVER_EPHEMERAL_STARTUP_TIMEOUT_SECONDS", 120)))
         summary = benchmark(preset=preset, spec=spec, dispatch=dispatch)
     except Exception as e:  # the flow's own log has the details; say what failed and exit 1
-        raise _fail(f"benchmark {preset!r} failed: {e}", EXIT_FAILED) from None
+        raise fail(f"benchmark {preset!r} failed: {e}", EXIT_FAILED) from None
     finally:
         # The interpreter's shutdown runs full garbage collections over the heap torch, Prefect, MLflow and
         # pandas built (about 2 s on a laptop CPU); frozen objects are skipped by them, and still freed.
@@ -224,7 +224,7 @@ def finetune(
         extra = _train_overrides(overrides)
         result = finetune_with_sweep(recipe, init, dataset, output, sweep=sweep, **extra)
     except (ValueError, OSError) as e:
-        raise _fail(str(e), EXIT_BAD_INPUT) from None
+        raise fail(str(e), EXIT_BAD_INPUT) from None
     for lr, top1 in result.sweep.items():
         typer.echo(f"lr {lr:g}: val top-1 {100 * top1:.2f}%")
     typer.echo(
@@ -280,7 +280,7 @@ def fewshot(
             l2,
         )
     except (ValueError, OSError) as e:
-        raise _fail(str(e), EXIT_BAD_INPUT) from None
+        raise fail(str(e), EXIT_BAD_INPUT) from None
     table = frame.groupby("shots")["accuracy"].agg(["mean", "std"]).mul(100).round(2)
     typer.echo(table.to_string())
 
@@ -303,11 +303,11 @@ def transfer(
         dotted = parse_overrides(overrides or [])
         summary = transfer_eval(model=model, suite=suite, threshold=threshold, overrides=dotted)
     except RegressionDetected as e:
-        raise _fail(str(e), EXIT_REGRESSION) from None
+        raise fail(str(e), EXIT_REGRESSION) from None
     except ValueError as e:
-        raise _fail(_validation_message(e), EXIT_BAD_INPUT) from None
+        raise fail(_validation_message(e), EXIT_BAD_INPUT) from None
     except Exception as e:
-        raise _fail(f"transfer evaluation failed: {e}", EXIT_FAILED) from None
+        raise fail(f"transfer evaluation failed: {e}", EXIT_FAILED) from None
     from tasks.settings import default_tracking_uri
 
     _where_to_look(summary, default_tracking_uri())
@@ -334,7 +334,7 @@ def report(
     try:
         paths = rebuild_report(default_tracking_uri(), run_ids, output)
     except ValueError as e:
-        raise _fail(str(e), EXIT_BAD_INPUT) from None
+        raise fail(str(e), EXIT_BAD_INPUT) from None
     typer.echo(f"report: {paths['html']}\nmarkdown: {paths['markdown']}")
 
 
@@ -368,11 +368,11 @@ def compare(
             ids = list(reversed(find_runs(uri, experiment, tags, last=last or 2)))
         table = compare_table(uri, ids, threshold, baseline)
     except ValueError as e:
-        raise _fail(str(e), EXIT_BAD_INPUT) from None
+        raise fail(str(e), EXIT_BAD_INPUT) from None
     shown = table.assign(regressed=table["regressed"].map({True: "REGRESSED", False: ""}))
     typer.echo(shown.to_csv() if fmt == "csv" else to_markdown(shown))
     if regressed := regressed_metrics(table):
-        raise _fail(
+        raise fail(
             f"{len(regressed)} metric(s) regressed by more than {threshold} points: {', '.join(regressed)}",
             EXIT_REGRESSION,
         )

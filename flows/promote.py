@@ -6,7 +6,8 @@ from typing import Annotated
 
 import typer
 
-from flows.commands import EXIT_BAD_INPUT, _fail
+from flows.commands import fail
+from vit.engine.exit_codes import EXIT_BAD_INPUT
 
 
 def promote(
@@ -24,5 +25,5 @@ def promote(
     try:
         moved = move_alias(default_tracking_uri(), model_ref, alias)
     except ValueError as e:
-        raise _fail(str(e), EXIT_BAD_INPUT) from None
+        raise fail(str(e), EXIT_BAD_INPUT) from None
     typer.echo(moved.sentence())

@@ -50,6 +50,8 @@ from typing import Annotated, NamedTuple
 import psutil
 import typer
 
+from tasks.settings import DEFAULT_HOME, vitflow_home
+
 HOST = "127.0.0.1"
 REGION = "us-east-1"
 ARTIFACT_BUCKET = "vitflow-artifacts"
@@ -141,11 +143,6 @@ class ServiceStatus(NamedTuple):
 
 # --------------------------------------------------------------------------------------------------------------
 # Paths and small files
-
-
-def default_home() -> Path:
-    """``$VITFLOW_HOME``, else ``./.vitflow`` (as everywhere in vitflow)."""
-    return Path(os.environ.get("VITFLOW_HOME", ".vitflow"))
 
 
 def stack_dir(home: Path) -> Path:
@@ -603,7 +600,7 @@ def up(
     (``buckets`` = the artifact bucket, MLflow's bucket), and write ``env.sh``. ``ports`` default to the last
     ``up``'s, else to ``StackPorts()``. If start-up fails, the services this call started are stopped again and
     ``StackError`` names the culprit and its log."""
-    home = stack_dir(home or default_home()).parent
+    home = stack_dir(home or vitflow_home()).parent
     root = stack_dir(home)
     for folder in (root, root / "logs", root / "run", root / "prefect", root / "seaweedfs"):
         folder.mkdir(parents=True, exist_ok=True, mode=0o700)
@@ -652,7 +649,7 @@ def up(
 def down(home: Path | None = None, timeout: float = 30.0) -> list[str]:
     """Stop the services whose pid files ``up`` wrote (SIGTERM to each process group, SIGKILL after ``timeout``)
     and remove the pid files. Returns the names of the services stopped. Data stays."""
-    home = home or default_home()
+    home = home or vitflow_home()
     pids = {name: pid for name in reversed(SERVICES) if (pid := running_pid(home, name))}
     stop_groups(list(pids.values()), timeout)
     for name in SERVICES:
@@ -662,7 +659,7 @@ def down(home: Path | None = None, timeout: float = 30.0) -> list[str]:
 
 def status(home: Path | None = None) -> dict[str, ServiceStatus]:
     """Per service: its pid if running, whether its health endpoint answers, and its URL (ports of the last ``up``)."""
-    home = home or default_home()
+    home = home or vitflow_home()
     ports = saved_ports(home) or StackPorts()
     urls, health = stack_urls(ports), health_urls(ports)
     result = {}
@@ -689,7 +686,7 @@ HomeOption = Annotated[
 
 
 def up_command(
-    home: HomeOption = Path(".vitflow"),
+    home: HomeOption = DEFAULT_HOME,
     prefect_port: Annotated[int | None, typer.Option(help="Prefect server and UI. [default: 4200]")] = None,
     mlflow_port: Annotated[int | None, typer.Option(help="MLflow server and UI. [default: 5050]")] = None,
     s3_port: Annotated[
@@ -737,7 +734,7 @@ def up_command(
 
 
 def down_command(
-    home: HomeOption = Path(".vitflow"),
+    home: HomeOption = DEFAULT_HOME,
     timeout: Annotated[float, typer.Option(help="Seconds to wait after SIGTERM before SIGKILL.")] = 30.0,
 ) -> None:
     """Stop the local stack that `vitflow up` started: exactly the process groups named by the pid files in
@@ -746,7 +743,7 @@ def down_command(
     typer.echo(f"stopped: {', '.join(stopped)}" if stopped else "nothing was running")
 
 
-def status_command(home: HomeOption = Path(".vitflow")) -> None:
+def status_command(home: HomeOption = DEFAULT_HOME) -> None:
     """Show which services of the local stack run, whether they answer their health checks, and their URLs.
     Exit code 0 when all three are running and healthy, else 1."""
     states = status(home)

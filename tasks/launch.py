@@ -22,8 +22,7 @@ from typing import Any
 
 from tasks import prefork
 from vit.engine.config import TrainConfig
-
-EXIT_NONFINITE, EXIT_PREEMPTED = 3, 143
+from vit.engine.exit_codes import RUN_EXIT_REASONS
 
 
 class TrainingFailed(RuntimeError):
@@ -155,8 +154,6 @@ def run_training(
     forward()
     if proc.returncode != 0:
         output = "\n".join(last_lines)
-        reason = {EXIT_NONFINITE: "non-finite loss", EXIT_PREEMPTED: "preempted (SIGTERM)", 2: "invalid config"}.get(
-            proc.returncode, f"exit code {proc.returncode}"
-        )
+        reason = RUN_EXIT_REASONS.get(proc.returncode, f"exit code {proc.returncode}")
         raise TrainingFailed(f"training failed: {reason}\n{output}", proc.returncode)
     return json.loads(result.read_text())

@@ -5,9 +5,11 @@ from __future__ import annotations
 import os
 from pathlib import Path
 
+DEFAULT_HOME = Path(".vitflow")  # VITFLOW_HOME when unset, relative to the working folder
+
 
 def vitflow_home() -> Path:
-    return Path(os.environ.get("VITFLOW_HOME", ".vitflow")).resolve()
+    return Path(os.environ.get("VITFLOW_HOME", DEFAULT_HOME)).resolve()
 
 
 def default_artifact_root() -> str:

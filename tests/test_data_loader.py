@@ -288,8 +288,9 @@ def test_batches_are_the_transformed_stored_images(ds):
 
 
 def test_the_gpu_data_path_is_selected_by_config_and_refused_without_a_gpu(tmp_path, capsys):
-    from vit.engine.__main__ import EXIT_INVALID, main
+    from vit.engine.__main__ import main
     from vit.engine.config import TrainConfig
+    from vit.engine.exit_codes import EXIT_INVALID
     from vit.engine.run import decode_device
 
     cfg = TrainConfig.from_dict({"data": {"dataset": str(tmp_path)}, "steps": 1})

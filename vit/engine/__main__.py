@@ -13,10 +13,9 @@ import sys
 from vit.engine.callbacks import JsonlLog, ProgressBar
 from vit.engine.config import TrainConfig
 from vit.engine.distributed import init_distributed, shutdown
+from vit.engine.exit_codes import EXIT_INVALID, EXIT_NONFINITE, EXIT_PREEMPTED
 from vit.engine.run import decode_device, train
 from vit.engine.trainer import NonFiniteLossError, Preempted
-
-EXIT_INVALID, EXIT_NONFINITE, EXIT_PREEMPTED = 2, 3, 143
 
 
 def main(argv: list[str] | None = None) -> int:

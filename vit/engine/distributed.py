@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import contextlib
 import os
 from dataclasses import dataclass
 
@@ -55,3 +56,10 @@ def all_reduce_sum(value: torch.Tensor) -> torch.Tensor:
 def shutdown() -> None:
     if dist.is_available() and dist.is_initialized():
         dist.destroy_process_group()
+
+
+def autocast(device: torch.device, precision: str) -> contextlib.AbstractContextManager:
+    """The mixed-precision region of a ``precision`` (``fp32``, ``bf16``, ``fp16``) run, for training and evaluation."""
+    if precision == "fp32":
+        return contextlib.nullcontext()
+    return torch.autocast(device.type, dtype=torch.bfloat16 if precision == "bf16" else torch.float16)

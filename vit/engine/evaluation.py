@@ -2,20 +2,14 @@
 
 from __future__ import annotations
 
-import contextlib
 from collections.abc import Iterable, Sequence
 
 import numpy as np
 import torch
 from torch import nn
 
+from vit.engine.distributed import autocast
 from vit.evaluate import ClassificationMeter, RealMeter
-
-
-def _autocast(device: torch.device, precision: str):
-    if precision == "fp32":
-        return contextlib.nullcontext()
-    return torch.autocast(device.type, dtype=torch.bfloat16 if precision == "bf16" else torch.float16)
 
 
 def _padded(images: torch.Tensor, labels: torch.Tensor, batch_size: int) -> tuple[torch.Tensor, ...]:
@@ -48,7 +42,7 @@ def evaluate_classifier(
     real = RealMeter() if real_labels is not None else None
     for batch in batches:
         images, labels, mask = _padded(batch[0], batch[1], batch_size)
-        with _autocast(device, precision):
+        with autocast(device, precision):
             logits = model(images.to(device, non_blocking=True))
         predictions = logits.float().argmax(-1).cpu()
         meter.update(predictions, labels, mask)
@@ -74,7 +68,7 @@ def extract_features(
     model.eval()
     feats, labels = [], []
     for batch in batches:
-        with _autocast(device, precision):
+        with autocast(device, precision):
             f = model.forward_features(batch[0].to(device, non_blocking=True))
         feats.append(f.float().cpu().numpy())
         labels.append(np.asarray(batch[1]))

@@ -26,7 +26,7 @@ from torch import nn
 from vit.engine.callbacks import Callback
 from vit.engine.checkpointing import CheckpointManager, optimizer_from_tensors, optimizer_to_tensors
 from vit.engine.config import TrainConfig
-from vit.engine.distributed import DistInfo, all_reduce_sum, configure_cuda
+from vit.engine.distributed import DistInfo, all_reduce_sum, autocast, configure_cuda
 from vit.engine.optim import build_optimizer, lr_at
 
 LossFn = Callable[[nn.Module, torch.Tensor, torch.Tensor], torch.Tensor]
@@ -178,12 +178,6 @@ class Trainer:
     def _emit(self, event: str, data: dict[str, Any]) -> None:
         for cb in self.callbacks:
             cb(event, self.step, data)
-
-    def _autocast(self):
-        if self.cfg.precision == "fp32":
-            return contextlib.nullcontext()
-        dtype = torch.bfloat16 if self.cfg.precision == "bf16" else torch.float16
-        return torch.autocast(self.dist.device.type, dtype=dtype)
 
     # -- checkpoints --------------------------------------------------------------------------------------------
 
@@ -397,7 +391,7 @@ class Trainer:
             x, y = next(batches)
             images += x.shape[0]
             sync = micro == cfg.accum_steps - 1 or not hasattr(self.module, "no_sync")
-            with contextlib.nullcontext() if sync else self.module.no_sync(), self._autocast():
+            with contextlib.nullcontext() if sync else self.module.no_sync(), autocast(self.dist.device, cfg.precision):
                 loss = self.loss_fn(self.module, x, y) / cfg.accum_steps
             self.scaler.scale(loss).backward()
             total_loss += loss.detach()
