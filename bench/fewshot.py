@@ -3,7 +3,7 @@
 Feature extraction is timed two ways: end to end as the pipeline runs it (``extract_features`` over a prepared
 synthetic VTAB-like dataset read from shards, the demo's ``vit_micro_4`` at 32 px) and model-only on images held in
 memory (``forward_features`` under ``inference_mode`` for ViT-Ti/16 and ViT-B/16 at 224). The ridge is
-``vit.evaluate.fewshot_ridge`` at ImageNet scale: 1,000 classes x 25 shots = 25,000 train rows of 768 features,
+``vit.metrics.fewshot_ridge`` at ImageNet scale: 1,000 classes x 25 shots = 25,000 train rows of 768 features,
 10,000 test rows; then the whole 4 shots x 3 seeds sweep (``fewshot_evaluate``) from a pool of 30 per class.
 Features are class-clustered Gaussians; the cost does not depend on their values.
 
@@ -34,7 +34,7 @@ from bench.common import (  # noqa: E402
 )
 from vit.data import build_transform, open_dataset, prepare_dataset  # noqa: E402
 from vit.engine.evaluation import extract_features  # noqa: E402
-from vit.evaluate import fewshot_evaluate, fewshot_ridge  # noqa: E402
+from vit.metrics import fewshot_evaluate, fewshot_ridge  # noqa: E402
 from vit.model import create_model  # noqa: E402
 
 CLASSES, SHOTS, DIM, TEST_PER_CLASS, POOL_PER_CLASS = 1000, 25, 768, 10, 30

@@ -58,7 +58,7 @@ def stage_count() -> int:
 def _patch() -> None:
     """Replace the stages' work by sleeps; everything around it (Prefect, MLflow, storage, caching) stays real."""
     import tasks.aggregate
-    import tasks.evaluate
+    import tasks.fewshot
     import tasks.prepare
     import tasks.train
     import vit.data
@@ -95,7 +95,7 @@ def _patch() -> None:
     vit.data.prepare_dataset = prepare_dataset
     tasks.prepare.dataset_ref = dataset_ref
     tasks.train._run_stage = run_stage
-    tasks.evaluate._evaluate = evaluate
+    tasks.fewshot._evaluate = evaluate
     tasks.aggregate._publish = publish
 
 

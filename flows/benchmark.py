@@ -20,7 +20,7 @@ from flows.specs import BenchmarkItem, BenchmarkSpec
 from tasks.aggregate import aggregate_task
 from tasks.common import TrackingContext, run_logger
 from tasks.dispatch import dispatch_fewshot_task, dispatch_train_task
-from tasks.evaluate import fewshot_task, init_checkpoint_task
+from tasks.fewshot import fewshot_task, init_checkpoint_task
 from tasks.models import resolve_model_ref
 from tasks.prepare import prepare_dataset_task
 from tasks.stages import (

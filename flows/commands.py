@@ -215,8 +215,8 @@ def finetune(
 
     from vit.checkpoints import read_any
     from vit.configs import BiTConfig
-    from vit.engine.protocol import finetune_with_sweep
     from vit.engine.recipes import default_finetune_recipe
+    from vit.engine.transfer import finetune_with_sweep
 
     try:
         recipe = default_finetune_recipe(protocol, bit=isinstance(read_any(init)[1], BiTConfig))
@@ -260,7 +260,7 @@ def fewshot(
     As big_vision does it: closed-form ridge regression on frozen pre-logits features, k shots per class for
     each seed; features are extracted once and reused for every shot and seed. Prints mean and std (%) per shot."""
     from vit import load_pretrained
-    from vit.engine.protocol import fewshot_on_dataset
+    from vit.engine.transfer import fewshot_on_dataset
 
     try:
         source = model

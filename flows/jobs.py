@@ -5,7 +5,7 @@ from __future__ import annotations
 
 from prefect import flow
 
-from tasks.evaluate import fewshot_task
+from tasks.fewshot import fewshot_task
 from tasks.stages import FewshotResult, FewshotStage, TrainResult, TrainStage, result_store
 from tasks.train import train_task
 

@@ -13,7 +13,7 @@ from typing import Any
 
 from flows.specs import BenchmarkItem, BenchmarkSpec
 from tasks.common import TrackingContext, stage_uri
-from tasks.evaluate import fewshot_key
+from tasks.fewshot import fewshot_key
 from tasks.launch import Launch
 from tasks.stages import (
     AggregateStage,

@@ -7,7 +7,7 @@ from __future__ import annotations
 from prefect import task
 from prefect.deployments import run_deployment
 
-from tasks import evaluate, train
+from tasks import fewshot, train
 from tasks.common import read_done, run_logger
 from tasks.stages import FewshotResult, FewshotStage, TrainResult, TrainStage, cached_stage
 
@@ -45,7 +45,7 @@ def dispatch_train_task(stage: TrainStage) -> TrainResult:
 @task(
     name="dispatch-fewshot",
     task_run_name="fewshot {stage.benchmark} ({stage.model_label}, work pool)",
-    **cached_stage(evaluate.record_reuse),
+    **cached_stage(fewshot.record_reuse),
 )
 def dispatch_fewshot_task(stage: FewshotStage) -> FewshotResult:
     """Run a few-shot evaluation as a ``fewshot-stage`` deployment run and return its stored result."""

@@ -2,7 +2,7 @@
 
 Plots render with matplotlib's Agg canvas through ``matplotlib.figure.Figure`` (no pyplot, no global state), return
 the PNG bytes and also write them to ``path`` when one is given. They take accuracies as fractions in [0, 1] (what
-``vit.evaluate`` returns) and show percent.
+``vit.metrics`` returns) and show percent.
 """
 
 from __future__ import annotations

@@ -203,7 +203,7 @@ def _test_metrics(model_uri: str, dataset_uri: str, test: TestEval, batch_size: 
     import torch
 
     from vit import load_pretrained
-    from vit.engine.protocol import evaluate_split
+    from vit.engine.transfer import evaluate_split
 
     model = load_pretrained(model_uri).to("cuda" if torch.cuda.is_available() else "cpu")
     out = evaluate_split(model, dataset_uri, test.split, test.transform, min(batch_size, 256), real=test.real)

@@ -19,8 +19,8 @@ from vit.configs import BIT_VARIANTS
 from vit.data import open_dataset
 from vit.engine.losses import mixup, mixup_loss
 from vit.engine.optim import lr_at
-from vit.engine.protocol import fewshot_on_dataset, finetune_with_sweep
 from vit.engine.recipes import BIT_HYPERRULE, TABLE4, bit_hyperrule, default_finetune_recipe
+from vit.engine.transfer import fewshot_on_dataset, finetune_with_sweep
 from vit.model import flops_per_image
 
 SIZE = 64

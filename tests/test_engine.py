@@ -12,13 +12,13 @@ import pytest
 import torch
 import torch.multiprocessing as mp
 
-from vit.engine.checkpointing import CheckpointManager
 from vit.engine.config import CheckpointConfig, OptimConfig, TrainConfig
 from vit.engine.distributed import DistInfo
 from vit.engine.losses import classification_loss, sigmoid_xent
 from vit.engine.memory import InMemoryBatches
 from vit.engine.mpp import MaskedPatchPrediction, mean_colour_targets, mpp_loss
 from vit.engine.optim import build_optimizer, lr_at
+from vit.engine.train_state import CheckpointManager
 from vit.engine.trainer import NonFiniteLossError, Preempted, Trainer
 from vit.model import create_model
 

@@ -15,7 +15,7 @@ import torch.distributed as dist
 import torch.multiprocessing as mp
 
 from vit import vtab
-from vit.evaluate import (
+from vit.metrics import (
     ClassificationMeter,
     RealMeter,
     few_shot_indices,

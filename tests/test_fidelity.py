@@ -209,7 +209,7 @@ def test_fewshot_resizes_then_centre_crops_as_big_vision(size, resized):
 
 def test_fewshot_evaluation_uses_the_fewshot_preprocessing(tmp_path):
     from vit.data import prepare_dataset
-    from vit.engine.protocol import fewshot_on_dataset
+    from vit.engine.transfer import fewshot_on_dataset
 
     uri = prepare_dataset("synthetic-vtab:natural_fine,test=40", "fine", str(tmp_path), progress=False)
     torch.manual_seed(0)
@@ -222,7 +222,7 @@ def test_fewshot_evaluation_uses_the_fewshot_preprocessing(tmp_path):
 def test_fewshot_stage_without_a_resolution_keeps_the_checkpoints_own(tmp_path):
     """Without a pre-training stage the few-shot stage gets no resolution and evaluates the checkpoint at the
     resolution it was trained at (big_vision's few-shot runs at the pre-training resolution), not at 384."""
-    from tasks.evaluate import _evaluate
+    from tasks.fewshot import _evaluate
     from vit.data import prepare_dataset
 
     uri = prepare_dataset("synthetic-vtab:natural_fine,test=20", "fine", str(tmp_path), progress=False)

@@ -18,7 +18,7 @@ from safetensors.torch import load_file
 from tasks.launch import Launch, command
 from vit.data import open_dataset, prepare_dataset
 from vit.engine import CheckpointConfig, DataConfig, ModelConfig, OptimConfig, TrainConfig
-from vit.engine.checkpointing import CheckpointManager
+from vit.engine.train_state import CheckpointManager
 
 ROOT = Path(__file__).resolve().parent.parent
 STEPS, GLOBAL_BATCH = 6, 8  # 48 samples of a 40-sample split: the run crosses an epoch boundary

@@ -15,8 +15,8 @@ from typer.testing import CliRunner
 from flows.cli import app
 from vit.data import open_dataset, prepare_dataset
 from vit.engine import CheckpointConfig, DataConfig, ModelConfig, OptimConfig, TrainConfig, build_model, train
-from vit.engine.protocol import fewshot_on_dataset, finetune_with_sweep, select_best_lr
 from vit.engine.recipes import TABLE4
+from vit.engine.transfer import fewshot_on_dataset, finetune_with_sweep, select_best_lr
 
 FASHION_MNIST = Path("/usr/share/datasets/fashion-mnist")
 

@@ -16,7 +16,7 @@ import torch
 
 from tests.reliability.conftest import events, launch_engine, train_config, wait_for
 from vit.checkpoints import load_checkpoint
-from vit.engine.checkpointing import CheckpointManager
+from vit.engine.train_state import CheckpointManager
 
 STEPS = 40
 

@@ -19,9 +19,9 @@ import torch
 
 from tests.reliability.conftest import SeaweedFS, free_ports, launch_engine, train_config, wait_for
 from vit import storage
-from vit.engine.checkpointing import CheckpointManager
 from vit.engine.config import TrainConfig
 from vit.engine.run import train
+from vit.engine.train_state import CheckpointManager
 
 OUTAGE_SECONDS = 10
 

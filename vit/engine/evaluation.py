@@ -9,7 +9,7 @@ import torch
 from torch import nn
 
 from vit.engine.distributed import autocast
-from vit.evaluate import ClassificationMeter, RealMeter
+from vit.metrics import ClassificationMeter, RealMeter
 
 
 def _padded(images: torch.Tensor, labels: torch.Tensor, batch_size: int) -> tuple[torch.Tensor, ...]:

@@ -24,10 +24,10 @@ import torch
 from torch import nn
 
 from vit.engine.callbacks import Callback
-from vit.engine.checkpointing import CheckpointManager, optimizer_from_tensors, optimizer_to_tensors
 from vit.engine.config import TrainConfig
 from vit.engine.distributed import DistInfo, all_reduce_sum, autocast, configure_cuda
 from vit.engine.optim import build_optimizer, lr_at
+from vit.engine.train_state import CheckpointManager, optimizer_from_tensors, optimizer_to_tensors
 
 LossFn = Callable[[nn.Module, torch.Tensor, torch.Tensor], torch.Tensor]
 EvalFn = Callable[[nn.Module], dict[str, float]]

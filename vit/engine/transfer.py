@@ -17,7 +17,7 @@ from vit.engine.callbacks import Callback
 from vit.engine.evaluation import evaluate_classifier, extract_features
 from vit.engine.recipes import FinetuneRecipe, select_best_lr
 from vit.engine.run import TrainOutcome, train
-from vit.evaluate import fewshot_evaluate
+from vit.metrics import fewshot_evaluate
 from vit.model import VisionTransformer
 
 

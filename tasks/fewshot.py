@@ -93,7 +93,7 @@ def _evaluate(stage: FewshotStage) -> FewshotResult:
     import torch
 
     from vit import load_pretrained
-    from vit.engine.protocol import fewshot_on_dataset
+    from vit.engine.transfer import fewshot_on_dataset
 
     model = load_pretrained(stage.model_uri).to("cuda" if torch.cuda.is_available() else "cpu")
     if stage.image_size and model.cfg.image_size != (stage.image_size, stage.image_size):  # None: its own
