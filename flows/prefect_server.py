@@ -5,6 +5,10 @@ this process has imported torch, MLflow and the flows, and after importing Prefe
 (seconds) only to spawn it. ``vitflow run`` instead spawns the same server (the ASGI app Prefect's temporary server
 runs, UI off) as its first act and points ``PREFECT_API_URL`` at it, so it boots while those imports happen. It
 stops when the command ends, and dies with it.
+
+Hand-made because Prefect has no public call that starts its temporary server without importing the server app in
+the caller; the two ``PREFECT__SERVER_*`` variables are the ones Prefect's own ``SubprocessASGIServer`` sets (pinned
+by the ``prefect<4`` requirement, checked by ``tests/test_prefect_server.py``).
 """
 
 from __future__ import annotations

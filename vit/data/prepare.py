@@ -29,7 +29,7 @@ import time
 from collections import deque
 from collections.abc import Callable, Iterable, Iterator
 from concurrent.futures import ThreadPoolExecutor
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from datetime import UTC, datetime
 from functools import partial
 from pathlib import Path
@@ -231,25 +231,12 @@ def prepare_dataset(
         raise DataError(f"max_corrupt_fraction must be between 0 and 1, got {max_corrupt_fraction}")
     root = _artifact_root(artifact_root)
     options = dict(options)
-    settings = {
-        "minival": _number(options, "minival", None, float, 0.0, 0.5),
-        "max": {k[4:]: _number(options, k, None, int, 1, 1 << 40) for k in sorted(options) if k.startswith("max_")},
-        "shard_bytes": _number(options, "shard_bytes", SHARD_BYTES, int, 1, 1 << 40),
-        "shard_samples": _number(options, "shard_samples", SHARD_SAMPLES, int, 1, 1 << 40),
-    }
+    settings = _settings(options)
     workers = _number(options, "workers", min(8, os.cpu_count() or 1), int, 1, 256)
     src = read_source(source, options, seed)
     if options:
         raise DataError(f"unknown option(s) for {src.format}: {', '.join(sorted(options))}")
-    for split, limit in settings["max"].items():
-        if split not in src.splits:
-            raise DataError(f"option max_{split}: {src.format} has no split {split!r} (it has {', '.join(src.splits)})")
-        src.splits[split] = src.splits[split][:limit]
-    if src.num_items == 0:
-        raise DataError(f"empty dataset: {source} has no samples; check the path and its layout")
-    if settings["minival"] is None:
-        settings["minival"] = src.minival_fraction  # the protocol's default, fingerprinted as such
-    src.minival_fraction = settings["minival"]
+    _apply_settings(src, settings, source)
     uri = storage.join(root, "datasets", name, fingerprint(src, settings, seed))
     info_uri = storage.join(uri, "info.json")
 
@@ -268,6 +255,29 @@ def prepare_dataset(
         return _prepare(src, source, name, uri, seed, settings, max_corrupt_fraction, workers, progress)
 
 
+def _settings(options: dict) -> dict:
+    """The preparation settings among ``options`` (taken out of it): fingerprinted with the source."""
+    return {
+        "minival": _number(options, "minival", None, float, 0.0, 0.5),
+        "max": {k[4:]: _number(options, k, None, int, 1, 1 << 40) for k in sorted(options) if k.startswith("max_")},
+        "shard_bytes": _number(options, "shard_bytes", SHARD_BYTES, int, 1, 1 << 40),
+        "shard_samples": _number(options, "shard_samples", SHARD_SAMPLES, int, 1, 1 << 40),
+    }
+
+
+def _apply_settings(src: Source, settings: dict, source: str) -> None:
+    """Cut the splits to their ``max_<split>`` and fix the minival fraction (the protocol's default if unset)."""
+    for split, limit in settings["max"].items():
+        if split not in src.splits:
+            raise DataError(f"option max_{split}: {src.format} has no split {split!r} (it has {', '.join(src.splits)})")
+        src.splits[split] = src.splits[split][:limit]
+    if src.num_items == 0:
+        raise DataError(f"empty dataset: {source} has no samples; check the path and its layout")
+    if settings["minival"] is None:
+        settings["minival"] = src.minival_fraction  # the protocol's default, fingerprinted as such
+    src.minival_fraction = settings["minival"]
+
+
 def _prepare(
     src: Source,
     source: str,
@@ -279,17 +289,73 @@ def _prepare(
     workers: int,
     progress: bool,
 ) -> str:
-    from tqdm import tqdm
-
     start = time.perf_counter()
     groups, splits = split_plan(src, src.minival_fraction, seed)
+    written = _write_shards(src, groups, name, uri, seed, settings, max_corrupt_fraction, workers, progress)
+    manifest = _manifest(written.records, splits, list(src.extra_columns))
+    counts = manifest.groupby("split", sort=False).size().to_dict()
+    info = {
+        "name": name,
+        "format": src.format,
+        "source": source,
+        "location": src.location,
+        "fingerprint": uri.rsplit("/", 1)[1],
+        "prep_version": PREP_VERSION,
+        "seed": seed,
+        "settings": settings,
+        "minival_fraction": src.minival_fraction,
+        "num_classes": len(src.classes),
+        "splits": list(splits),
+        "counts": {split: int(counts.get(split, 0)) for split in splits},
+        "split_groups": splits,
+        "quarantined": len(written.quarantine),
+        "bytes": written.stored_bytes,
+        "shards": written.shard_count,
+        "seconds": round(time.perf_counter() - start, 3),
+        "created": datetime.now(UTC).isoformat(timespec="milliseconds"),
+        **src.info,
+    }
+    buf = io.BytesIO()
+    manifest.to_parquet(buf, index=False)
+    storage.write_bytes(storage.join(uri, "manifest.parquet"), buf.getvalue())
+    storage.write_text(storage.join(uri, "classes.json"), json.dumps(src.classes, indent=1))
+    _write_quarantine(uri, written.quarantine)
+    storage.write_text(storage.join(uri, "info.json"), json.dumps(info, indent=2))  # last: now it is visible
+    if progress:
+        print(summary(info, manifest, src.classes, uri), file=sys.stderr)
+    return uri
+
+
+@dataclass
+class _Written:
+    """What :func:`_write_shards` stored: manifest rows per split group, what it quarantined, sizes."""
+
+    records: dict[str, list[dict]] = field(default_factory=dict)
+    quarantine: list[tuple[str, str]] = field(default_factory=list)
+    stored_bytes: int = 0
+    shard_count: int = 0
+
+
+def _write_shards(
+    src: Source,
+    groups: dict,
+    name: str,
+    uri: str,
+    seed: int,
+    settings: dict,
+    max_corrupt_fraction: float,
+    workers: int,
+    progress: bool,
+) -> _Written:
+    """Encode every item (in a thread pool, order kept) into the shards of its split group; fails once more than
+    ``max_corrupt_fraction`` of the items were quarantined."""
+    from tqdm import tqdm
+
     total = src.num_items
     allowed = math.floor(max_corrupt_fraction * total)
     shards_uri = storage.join(uri, "shards")
-    records: dict[str, list[dict]] = {}
-    quarantine: list[tuple[str, str]] = []
+    out = _Written()
     seen_keys: set[str] = set()
-    stored_bytes = shard_count = 0
     encode = partial(encode_item, num_classes=len(src.classes))
     # The bar shows images/s on a terminal (tqdm stays quiet when stderr is not one); the summary always prints.
     bar = tqdm(total=total, unit="img", desc=f"prepare {name}", disable=None if progress else True, file=sys.stderr)
@@ -307,70 +373,41 @@ def _prepare(
                     shards_uri, group, staging, uploads, settings["shard_bytes"], settings["shard_samples"]
                 )
                 order = np.random.default_rng([seed, group_index]).permutation(len(items))  # classes mixed
-                rows = records[group] = []
+                rows = out.records[group] = []
                 for item, result in _ordered_map(pool, encode, (items[i] for i in order), window=4 * workers):
                     bar.update()
                     if isinstance(result, str):
-                        quarantine.append((item.source, result))
-                        if len(quarantine) > allowed:
+                        out.quarantine.append((item.source, result))
+                        if len(out.quarantine) > allowed:
                             writer.discard()
                             raise _TooCorrupt
                         continue
                     key = _unique(item.key, seen_keys)
                     shard, offset = writer.add(key, result.ext, result.data, item.label)
-                    rows.append(
-                        {
-                            "key": key,
-                            "label": item.label,
-                            "shard": f"shards/{shard}",
-                            "offset": offset,
-                            "size": len(result.data),
-                            "sha256": hashlib.sha256(result.data).hexdigest(),
-                            "width": result.width,
-                            "height": result.height,
-                            **{col: (item.extra or {}).get(col, default) for col, default in src.extra_columns.items()},
-                        }
-                    )
-                    stored_bytes += len(result.data)
+                    rows.append(_row(src, item, result, key, shard, offset))
+                    out.stored_bytes += len(result.data)
                 writer.close()
-                shard_count += writer.index + 1
+                out.shard_count += writer.index + 1
     except _TooCorrupt:  # raised inside the pools, so every upload has finished before the clean-up
         bar.close()
-        _fail(uri, quarantine, total, max_corrupt_fraction)
+        _fail(uri, out.quarantine, total, max_corrupt_fraction)
     bar.close()
-    manifest = _manifest(records, splits, list(src.extra_columns))
-    seconds = time.perf_counter() - start
-    counts = manifest.groupby("split", sort=False).size().to_dict()
-    info = {
-        "name": name,
-        "format": src.format,
-        "source": source,
-        "location": src.location,
-        "fingerprint": uri.rsplit("/", 1)[1],
-        "prep_version": PREP_VERSION,
-        "seed": seed,
-        "settings": settings,
-        "minival_fraction": src.minival_fraction,
-        "num_classes": len(src.classes),
-        "splits": list(splits),
-        "counts": {split: int(counts.get(split, 0)) for split in splits},
-        "split_groups": splits,
-        "quarantined": len(quarantine),
-        "bytes": stored_bytes,
-        "shards": shard_count,
-        "seconds": round(seconds, 3),
-        "created": datetime.now(UTC).isoformat(timespec="milliseconds"),
-        **src.info,
+    return out
+
+
+def _row(src: Source, item: Item, result: Encoded, key: str, shard: str, offset: int) -> dict:
+    """One manifest row: where a sample's bytes are, their checksum, its label, size and extra columns."""
+    return {
+        "key": key,
+        "label": item.label,
+        "shard": f"shards/{shard}",
+        "offset": offset,
+        "size": len(result.data),
+        "sha256": hashlib.sha256(result.data).hexdigest(),
+        "width": result.width,
+        "height": result.height,
+        **{col: (item.extra or {}).get(col, default) for col, default in src.extra_columns.items()},
     }
-    buf = io.BytesIO()
-    manifest.to_parquet(buf, index=False)
-    storage.write_bytes(storage.join(uri, "manifest.parquet"), buf.getvalue())
-    storage.write_text(storage.join(uri, "classes.json"), json.dumps(src.classes, indent=1))
-    _write_quarantine(uri, quarantine)
-    storage.write_text(storage.join(uri, "info.json"), json.dumps(info, indent=2))  # last: now it is visible
-    if progress:
-        print(summary(info, manifest, src.classes, uri), file=sys.stderr)
-    return uri
 
 
 class _TooCorrupt(Exception):

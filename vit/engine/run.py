@@ -7,7 +7,7 @@ import math
 import random
 from collections.abc import Sequence
 from dataclasses import dataclass, field
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 import numpy as np
 import torch
@@ -23,6 +23,9 @@ from vit.engine.losses import classification_loss, mixup_loss
 from vit.engine.mpp import MaskedPatchPrediction, mpp_loss
 from vit.engine.trainer import Trainer
 from vit.model import VisionTransformer, create_model, flops_per_image
+
+if TYPE_CHECKING:
+    from vit.data.dataset import PreparedDataset
 
 
 @dataclass
@@ -99,7 +102,7 @@ def train(cfg: TrainConfig, callbacks: Sequence[Callback] = (), dist: DistInfo |
     """Train as configured (resuming from ``checkpoint.dir`` when it holds a checkpoint) and save the final weights
     (Polyak-averaged if enabled) to ``<checkpoint.dir>/model.safetensors``.
     """
-    from vit.data import build_transform, open_dataset
+    from vit.data import open_dataset
 
     dist = dist or init_distributed(cfg.device)
     cfg.validate(dist.world_size)
@@ -107,66 +110,26 @@ def train(cfg: TrainConfig, callbacks: Sequence[Callback] = (), dist: DistInfo |
     if cfg.deterministic:
         torch.use_deterministic_algorithms(True)
     ds = open_dataset(cfg.data.dataset)
-    if cfg.data.train_split not in ds.splits:
-        raise ValueError(f"data.train_split {cfg.data.train_split!r} is not in {ds.uri} (splits: {ds.splits})")
-    if cfg.data.eval_split and cfg.data.eval_split not in ds.splits:
-        raise ValueError(f"data.eval_split {cfg.data.eval_split!r} is not in {ds.uri} (splits: {ds.splits})")
+    for field_name in ("train_split", "eval_split"):
+        split = getattr(cfg.data, field_name)
+        if split and split not in ds.splits:
+            raise ValueError(f"data.{field_name} {split!r} is not in {ds.uri} (splits: {ds.splits})")
     num_classes = cfg.model.num_classes or ds.num_classes
     model = build_model(cfg, num_classes)
-    steps = total_steps(cfg, ds.count(cfg.data.train_split))
     micro = cfg.batch_size // (dist.world_size * cfg.accum_steps)
-    size = cfg.model.image_size
-    pin = dist.device.type == "cuda"  # page-locked batches, so the trainer's non_blocking copies overlap compute
-    # each step's global batch is the same samples whatever the world size (vit.data.loader): micro-batch j of
-    # rank r is chunk j * world_size + r of the global order
-    loader = ds.loader(
-        cfg.data.train_split,
-        micro,
-        build_transform(cfg.data.train_transform, size, cfg.data.resize),
-        shuffle=True,
-        seed=cfg.seed,
-        repeat=True,
-        num_workers=cfg.data.num_workers,
-        rank=dist.rank,
-        world_size=dist.world_size,
-        shuffle_buffer=cfg.data.shuffle_buffer,
-        pin_memory=pin,
-        decode_device=decode_device(cfg, dist.device),
-    )
     module: nn.Module
     if cfg.objective == "mpp":
         module, loss_fn = MaskedPatchPrediction(model), mpp_loss
     else:
-        module = model
-        loss_fn = _classification_loss(cfg)
-
-    evaluate_fn = None
-    if cfg.data.eval_split and cfg.objective == "classification":
-        eval_transform = build_transform(cfg.data.eval_transform, size, cfg.data.resize)
-
-        def evaluate_fn(m: nn.Module) -> dict[str, float]:
-            batches = ds.loader(
-                cfg.data.eval_split,
-                micro,
-                eval_transform,
-                shuffle=False,
-                repeat=False,
-                num_workers=cfg.data.num_workers,
-                rank=dist.rank,
-                world_size=dist.world_size,
-                pin_memory=pin,
-            )
-            metrics = evaluate_classifier(m, batches, num_classes, micro, dist.device, cfg.precision)
-            return {f"val/{k}": v for k, v in metrics.items()}
-
+        module, loss_fn = model, _classification_loss(cfg)
     trainer = Trainer(
         module,
         cfg,
-        loader,
-        steps,
+        _train_loader(cfg, ds, micro, dist),
+        total_steps(cfg, ds.count(cfg.data.train_split)),
         dist,
         loss_fn,
-        evaluate_fn,
+        _evaluator(cfg, ds, micro, num_classes, dist),
         callbacks,
         flops_per_image=flops_per_image(model.cfg),
         metadata={"dataset": ds.uri, "fingerprint": ds.fingerprint},
@@ -181,6 +144,58 @@ def train(cfg: TrainConfig, callbacks: Sequence[Callback] = (), dist: DistInfo |
         final.load_state_dict(model.state_dict())
     digests = rank_digests(model)
     return TrainOutcome(result.step, result.resumed_from, model_uri, result.eval, result.history, final.eval(), digests)
+
+
+def _train_loader(cfg: TrainConfig, ds: PreparedDataset, micro: int, dist: DistInfo):
+    """The endless, shuffled training stream of this rank. Each step's global batch is the same samples whatever
+    the world size (vit.data.loader): micro-batch j of rank r is chunk j * world_size + r of the global order."""
+    from vit.data import build_transform
+
+    return ds.loader(
+        cfg.data.train_split,
+        micro,
+        build_transform(cfg.data.train_transform, cfg.model.image_size, cfg.data.resize),
+        shuffle=True,
+        seed=cfg.seed,
+        repeat=True,
+        num_workers=cfg.data.num_workers,
+        rank=dist.rank,
+        world_size=dist.world_size,
+        shuffle_buffer=cfg.data.shuffle_buffer,
+        pin_memory=_pinned(dist),
+        decode_device=decode_device(cfg, dist.device),
+    )
+
+
+def _pinned(dist: DistInfo) -> bool:
+    """Page-locked batches on CUDA, so the trainer's non_blocking copies overlap compute."""
+    return dist.device.type == "cuda"
+
+
+def _evaluator(cfg: TrainConfig, ds: PreparedDataset, micro: int, num_classes: int, dist: DistInfo):
+    """Top-1 on ``data.eval_split`` (gathered over ranks), or None when there is nothing to evaluate."""
+    if not cfg.data.eval_split or cfg.objective != "classification":
+        return None
+    from vit.data import build_transform
+
+    eval_transform = build_transform(cfg.data.eval_transform, cfg.model.image_size, cfg.data.resize)
+
+    def evaluate_fn(m: nn.Module) -> dict[str, float]:
+        batches = ds.loader(
+            cfg.data.eval_split,
+            micro,
+            eval_transform,
+            shuffle=False,
+            repeat=False,
+            num_workers=cfg.data.num_workers,
+            rank=dist.rank,
+            world_size=dist.world_size,
+            pin_memory=_pinned(dist),
+        )
+        metrics = evaluate_classifier(m, batches, num_classes, micro, dist.device, cfg.precision)
+        return {f"val/{k}": v for k, v in metrics.items()}
+
+    return evaluate_fn
 
 
 def _classification_loss(cfg: TrainConfig):
