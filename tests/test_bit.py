@@ -254,13 +254,13 @@ def test_bit_vs_vit_preset_trains_matched_models_on_the_same_data_each_with_its_
     bench = specs[0].transfer.benchmarks[0]
     vit_cfg, _, _ = plan.finetune_config(specs[0], bench, "file:///d", "file:///i.safetensors", 0.01, 0, True)
     bit_cfg, _, _ = plan.finetune_config(specs[1], bench, "file:///d", "file:///i.safetensors", 0.003, 0, True)
-    assert (vit_cfg["optim"]["decay"], bit_cfg["optim"]["decay"]) == ("cosine", "step")
+    assert (vit_cfg.optim.decay, bit_cfg.optim.decay) == ("cosine", "step")
     assert plan.finetune_recipe(specs[1], bench).lrs == (0.003,)
     with_pre_logits = specs[1].model_copy(
         update={"pretrain": specs[1].pretrain.model_copy(update={"pre_logits": True})}
     )
     pretrain_cfg, _ = plan.pretrain_config(with_pre_logits, "file:///up")
-    assert pretrain_cfg["model"]["name"] == "bit_micro" and pretrain_cfg["model"]["representation_size"] is None
+    assert pretrain_cfg.model.name == "bit_micro" and pretrain_cfg.model.representation_size is None
 
 
 def test_paper_numbers_of_bit_l_find_a_bit_r152x4_result():

@@ -222,14 +222,30 @@ def test_fewshot_evaluation_uses_the_fewshot_preprocessing(tmp_path):
 def test_fewshot_stage_without_a_resolution_keeps_the_checkpoints_own(tmp_path):
     """Without a pre-training stage the few-shot stage gets no resolution and evaluates the checkpoint at the
     resolution it was trained at (big_vision's few-shot runs at the pre-training resolution), not at 384."""
+    from tasks.common import TrackingContext
     from tasks.fewshot import _evaluate
+    from tasks.prepare import dataset_ref
+    from tasks.stages import FewshotStage
     from vit.data import prepare_dataset
 
     uri = prepare_dataset("synthetic-vtab:natural_fine,test=20", "fine", str(tmp_path), progress=False)
     path = str(tmp_path / "m.safetensors")
     save_checkpoint(path, create_model("vit_micro_4", image_size=16, num_classes=0, depth=1))
-    done = _evaluate("fine", path, uri, "train800val200", "test", [1], [0], 1024.0, None)
-    assert set(done["mean"]) == {"1"}
+    stage = FewshotStage(
+        uri=str(tmp_path / "stage"),
+        benchmark="fine",
+        model_label="pretrained",
+        model_uri=path,
+        dataset=dataset_ref(uri),
+        train_split="train800val200",
+        test_split="test",
+        shots=[1],
+        seeds=[0],
+        l2=1024.0,
+        image_size=None,
+        tracking=TrackingContext("sqlite:///unused.db", "0", None, {}),
+    )
+    assert set(_evaluate(stage).mean) == {"1"}
     spec = build_spec("demo", ["pretrain=null", f"init={path}"])
     assert spec.transfer.fewshot.image_size is None and spec.pretrain is None
 
@@ -245,7 +261,7 @@ def test_finetune_recipe_leaves_dropout_to_the_variant_or_the_user():
     spec = build_spec("demo", ["model.dropout=0.2"])
     bench = spec.transfer.benchmarks[0]
     cfg, _, _ = plan.finetune_config(spec, bench, "data-uri", "init-uri", 0.01, 0, final=True)
-    assert cfg["model"]["dropout"] == 0.2
+    assert cfg.model.dropout == 0.2
 
 
 def test_loaded_models_get_the_official_fine_tuning_dropout(tmp_path):
