@@ -17,7 +17,7 @@ from prefect.task_runners import ThreadPoolTaskRunner
 from flows import plan
 from flows.presets import build_spec
 from flows.specs import BenchmarkItem, BenchmarkSpec
-from tasks.aggregate import aggregate_task
+from tasks.aggregate import aggregate_task, publish_run_page
 from tasks.common import TrackingContext, run_logger
 from tasks.dispatch import dispatch_fewshot_task, dispatch_train_task
 from tasks.evaluate import fewshot_task, init_checkpoint_task
@@ -274,6 +274,8 @@ def benchmark(
         summary = aggregate(spec, ctx, results, pretrained, datasets, models[plan.PRETRAINED])
         tracker.log_metrics(parent, summary.headline)
         tracker.set_tags(parent, {"vitflow.results_uri": summary.results_uri})
+        tracker.flush()
+        publish_run_page(summary, ctx)
         logger.info("results: %s", summary.report_uri)
         status = "FINISHED"
         return summary

@@ -11,6 +11,7 @@ from __future__ import annotations
 import json
 import re
 import urllib.parse
+import urllib.request
 import uuid
 from collections.abc import Iterator
 from pathlib import Path
@@ -138,7 +139,7 @@ def ui_run(served_stack, browser) -> dict[str, Any]:
         if experiment
         else []
     )
-    completed_page = ""
+    completed_page, run_page = "", {}
     if parents:
         page.goto(parents[0].data.tags["prefect.flow_run_url"])
         page.get_by_text(run_name).first.wait_for()
@@ -146,6 +147,7 @@ def ui_run(served_stack, browser) -> dict[str, Any]:
             page.get_by_text("Completed").first.wait_for()
         shots["completed"] = shot(page, "prefect-benchmark-completed")
         completed_page = page.inner_text("body")
+        run_page = _run_page(page, stack, flow_run, shots)
     context.close()
     return {
         "flow_run": flow_run,
@@ -154,7 +156,39 @@ def ui_run(served_stack, browser) -> dict[str, Any]:
         "completed_page": completed_page,
         "run_name": run_name,
         "shots": shots,
+        "run_page": run_page,
     }
+
+
+def _artifacts(api: str, flow_run_id: str) -> dict[str, dict[str, Any]]:
+    """The flow run's own Prefect artifacts (not its subflows' or tasks'), by key."""
+    body = json.dumps({"artifacts": {"flow_run_id": {"any_": [flow_run_id]}}}).encode()
+    request = urllib.request.Request(f"{api}/artifacts/filter", body, {"Content-Type": "application/json"})
+    with urllib.request.urlopen(request) as response:
+        artifacts = json.load(response)
+    return {a["key"]: a for a in artifacts if a["key"] and a["task_run_id"] is None}
+
+
+def _run_page(page, stack, flow_run: dict[str, Any], shots: dict[str, Path]) -> dict[str, Any]:
+    """What the parent run's page shows: its Artifacts tab, the report artifact's images (decoded by the browser
+    or not) and where the MLflow link leads."""
+    page.get_by_text("Artifacts", exact=True).first.click()
+    page.get_by_text("results-table").first.wait_for()
+    shots["run-artifacts"] = shot(page, "prefect-benchmark-artifacts", full_page=True)
+    artifacts_tab = page.inner_text("body")
+    artifacts = _artifacts(stack.api, flow_run["id"])
+    page.goto(f"{stack.ui}/artifacts/artifact/{artifacts['report']['id']}")
+    page.locator("img").first.wait_for()
+    page.wait_for_function("[...document.images].every(i => i.complete)")
+    widths = page.eval_on_selector_all("img", "imgs => imgs.map(i => i.naturalWidth)")
+    shots["report"] = shot(page, "prefect-benchmark-report", full_page=True)
+    page.goto(f"{stack.ui}/artifacts/artifact/{artifacts['links']['id']}")
+    link = page.get_by_role("link", name="MLflow parent run")
+    link.wait_for()
+    shots["links"] = shot(page, "prefect-benchmark-links")
+    page.goto(link.get_attribute("href"))
+    page.get_by_text("benchmark", exact=False).first.wait_for()
+    return {"artifacts_tab": artifacts_tab, "artifacts": artifacts, "widths": widths, "mlflow": page.inner_text("body")}
 
 
 def test_custom_benchmark_run_from_the_prefect_ui_lands_in_mlflow(served_stack, ui_run):
@@ -192,9 +226,28 @@ def test_custom_benchmark_run_from_the_prefect_ui_lands_in_mlflow(served_stack, 
     # the pre-trained model is registered under the experiment's name, with the alias the nightly evaluation reads
     version = client.get_model_version_by_alias(f"{EXPERIMENT}-vit_micro_4", "candidate")
     assert version.run_id == children[STAGES[0]].info.run_id
-    assert {"deployments", "form", "completed"} <= set(ui_run["shots"])
+    assert {"deployments", "form", "completed", "run-artifacts", "report"} <= set(ui_run["shots"])
     assert all(p.stat().st_size > 10_000 for p in ui_run["shots"].values())
     print(f"screenshots: {SHOTS}")
+
+
+def test_the_flow_run_page_holds_the_results_report_and_http_links(served_stack, ui_run):
+    run_page = ui_run["run_page"]
+    assert {"results-table", "report", "links", "mlflow-run"} <= set(run_page["artifacts"])  # on the parent run
+    assert "results-table" in run_page["artifacts_tab"] and "report" in run_page["artifacts_tab"]
+    table = json.loads(run_page["artifacts"]["results-table"]["data"])
+    assert [row["benchmark"] for row in table] == [BENCH]
+    assert run_page["widths"] and all(w > 0 for w in run_page["widths"])  # every plot of the report is drawn
+    links = run_page["artifacts"]["links"]["data"]
+    urls = re.findall(r"\]\(([^)]+)\)", links)
+    assert "s3://" not in links and urls and all(u.startswith(served_stack.mlflow) for u in urls)
+    assert all(f"[{name}]" in links for name in STAGES)  # each stage's MLflow run
+    report = next(u for u in urls if "get-artifact" in u)
+    with urllib.request.urlopen(report) as response:
+        assert b"<img" in response.read()  # the HTML report, served through MLflow
+    (parent,) = ui_run["parents"]
+    assert parent.info.run_id in run_page["artifacts"]["mlflow-run"]["data"]
+    assert parent.info.run_name in run_page["mlflow"]  # the link opened the parent run's MLflow page
 
 
 def test_mlflow_ui_compares_the_pretraining_and_the_finetune(served_stack, ui_run, page):
