@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import json
 import re
+import time
 import urllib.parse
 import urllib.request
 import uuid
@@ -20,7 +21,7 @@ from typing import Any
 import pytest
 from mlflow import MlflowClient
 
-from tests.servers import REPO, SERVED_BUCKET, wait_for_flow_run
+from tests.servers import REPO, SERVED_BUCKET, api_post, wait_for_flow_run
 
 pytest_plugins = ["tests.servers"]
 
@@ -272,3 +273,65 @@ def test_mlflow_ui_compares_the_pretraining_and_the_finetune(served_stack, ui_ru
     lines = {line.strip() for line in text.splitlines()}
     assert {"Parameters", "Metrics", "train/loss", "train/lr"} <= lines  # both runs' curves side by side
     assert path.stat().st_size > 10_000
+
+
+def _flow_runs_mlflow(tracking: str, flow_run_id: str) -> list[Any]:
+    client = MlflowClient(tracking)
+    experiment = client.get_experiment_by_name(EXPERIMENT)
+    filter_ = f"tags.`prefect.flow_run_id` = '{flow_run_id}'"
+    return client.search_runs([experiment.experiment_id], filter_) if experiment else []
+
+
+def _wait(condition, what: str, timeout: float = 120) -> Any:
+    """Poll ``condition`` until it returns something truthy (a deadline, not a timed assert: fails only if the
+    event never comes)."""
+    start = time.monotonic()
+    while not (found := condition()):
+        assert time.monotonic() - start < timeout, f"never saw {what}"
+        time.sleep(1)
+    return found
+
+
+def _set_state(api: str, flow_run_id: str, state: dict[str, str]) -> None:
+    api_post(f"{api}/flow_runs/{flow_run_id}/set_state", {"state": state, "force": True})
+
+
+def test_cancel_kills_the_mlflow_runs_and_retry_continues_the_same_parent(served_stack, ui_run):
+    """Cancel a running benchmark (a long pre-training): its MLflow runs end KILLED; Retry (what the UI's Retry
+    button sends) runs the same flow run again, under the same parent MLflow run."""
+    api = served_stack.api
+    (deployment,) = api_post(f"{api}/deployments/filter", {"deployments": {"name": {"any_": ["benchmark"]}}})
+    overrides = {**OVERRIDES, "pretrain.steps": 100_000, "pretrain.warmup_steps": 10}
+    flow_run = api_post(
+        f"{api}/deployments/{deployment['id']}/create_flow_run", {"parameters": {"overrides": overrides}}
+    )
+
+    def running_pretrain() -> list[Any]:
+        runs = _flow_runs_mlflow(served_stack.mlflow, flow_run["id"])
+        return [r for r in runs if r.info.run_name.startswith("pretrain") and r.info.status == "RUNNING"] and runs
+
+    _wait(running_pretrain, "the pre-training running", timeout=240)
+    _set_state(api, flow_run["id"], {"type": "CANCELLING"})
+    assert wait_for_flow_run(api, {"id": {"any_": [flow_run["id"]]}})["state_type"] == "CANCELLED"
+    runs = _wait(
+        lambda: (
+            (r := _flow_runs_mlflow(served_stack.mlflow, flow_run["id"]))
+            and all(x.info.status != "RUNNING" for x in r)
+            and r
+        ),
+        "every MLflow run ended",
+    )
+    status = {r.info.run_name: r.info.status for r in runs}
+    assert {s for n, s in status.items() if not n.startswith("prepare:")} == {"KILLED"}, status  # flow, pretrain
+    assert {s for n, s in status.items() if n.startswith("prepare:")} == {"FINISHED"}  # done before the cancel
+    (parent,) = [r for r in runs if r.data.tags["vitflow.stage"] == "flow"]
+    assert parent.info.run_name.startswith("demo vit_micro_4 ")  # preset, model, date
+
+    _set_state(api, flow_run["id"], {"type": "SCHEDULED", "name": "AwaitingRetry"})
+    _wait(running_pretrain, "the retried pre-training running", timeout=240)
+    parents = [
+        r for r in _flow_runs_mlflow(served_stack.mlflow, flow_run["id"]) if r.data.tags["vitflow.stage"] == "flow"
+    ]
+    assert [p.info.run_id for p in parents] == [parent.info.run_id] and parents[0].info.status == "RUNNING"
+    _set_state(api, flow_run["id"], {"type": "CANCELLING"})
+    wait_for_flow_run(api, {"id": {"any_": [flow_run["id"]]}})
