@@ -11,13 +11,14 @@ from collections import Counter
 from typing import Any, Literal
 
 from prefect import Task, flow
+from prefect.exceptions import TerminationSignal
 from prefect.futures import PrefectFuture, as_completed
 from prefect.task_runners import ThreadPoolTaskRunner
 
 from flows import plan
 from flows.presets import build_spec
 from flows.specs import BenchmarkItem, BenchmarkSpec
-from tasks.aggregate import aggregate_task
+from tasks.aggregate import aggregate_task, publish_run_page
 from tasks.common import TrackingContext, run_logger
 from tasks.dispatch import dispatch_fewshot_task, dispatch_train_task
 from tasks.fewshot import fewshot_task, init_checkpoint_task
@@ -65,16 +66,68 @@ def open_tracking(
         "vitflow.spec_hash": spec.spec_hash(),
         **(extra_tags or {}),
     }
-    parent = tracker.start_run(
-        experiment_id,
-        run_name,
-        None,
-        {**tags, "vitflow.version": __version__, "vitflow.git_commit": git_commit(), "vitflow.stage": "flow"},
-    )
-    tracker.log_params(parent, flatten(spec.model_dump(mode="json")))
-    tracker.log_text(parent, json.dumps(spec.model_dump(mode="json"), indent=2), "spec.json")
+    parent = _continued_parent(tracker, experiment_id, tags["prefect.flow_run_id"])
+    if parent is None:
+        parent = tracker.start_run(
+            experiment_id,
+            run_name,
+            None,
+            {**tags, "vitflow.version": __version__, "vitflow.git_commit": git_commit(), "vitflow.stage": "flow"},
+        )
+        tracker.log_params(parent, flatten(spec.model_dump(mode="json")))
+        tracker.log_text(parent, json.dumps(spec.model_dump(mode="json"), indent=2), "spec.json")
     ctx = TrackingContext(uri, experiment_id, parent.id, tags)
     return tracker, parent, ctx
+
+
+def _flow_run_filter(flow_run_id: str) -> str:
+    return f"tags.`prefect.flow_run_id` = '{flow_run_id}'"
+
+
+def _continued_parent(tracker: Tracker, experiment_id: str, flow_run_id: str) -> RunRef | None:
+    """The parent MLflow run an earlier attempt of this flow run started (a Retry runs the same flow run again),
+    set running again: one flow run, one parent run and one set of curves."""
+    if not flow_run_id:
+        return None
+    try:
+        found = tracker.client.search_runs(
+            [experiment_id], f"{_flow_run_filter(flow_run_id)} and tags.`vitflow.stage` = 'flow'", max_results=1
+        )
+        if not found:
+            return None
+        tracker.client.update_run(found[0].info.run_id, status="RUNNING")
+    except Exception as e:  # noqa: BLE001 - MLflow unreachable: a new parent run, queued like any other call
+        run_logger().warning("could not look up this flow run's MLflow run (%s); starting a new one", e)
+        return None
+    run_logger().info("continuing MLflow run %s of an earlier attempt", found[0].info.run_id)
+    return tracker.existing_run(found[0].info.run_id, "parent")
+
+
+def mark_runs_killed(flow: Any, flow_run: Any, state: Any) -> None:
+    """Prefect's on_cancellation hook (run by the worker or runner that killed the flow run's process): every
+    MLflow run of the flow run not finished ends KILLED (those the killed process ended FAILED as it went)."""
+    params = flow_run.parameters
+    given = params.get("spec")
+    spec = (
+        BenchmarkSpec.model_validate(given)
+        if given
+        else build_spec(params.get("preset", "demo"), params.get("overrides") or {})
+    )
+    tracker = Tracker(spec.resolved_tracking_uri())
+    experiment = tracker.client.get_experiment_by_name(spec.experiment)
+    if experiment is None:
+        return
+    for run in tracker.client.search_runs(
+        [experiment.experiment_id], f"{_flow_run_filter(str(flow_run.id))} and attributes.status != 'FINISHED'"
+    ):
+        tracker.client.set_terminated(run.info.run_id, "KILLED")
+
+
+def parent_run_name(preset: str, spec: BenchmarkSpec) -> str:
+    """The parent MLflow run's name: what ran, on which model, when (``demo vit_micro_4 2026-12-01 23:20``)."""
+    from datetime import datetime
+
+    return f"{preset} {spec.model.name} {datetime.now():%Y-%m-%d %H:%M}"
 
 
 def resolve(spec: BenchmarkSpec) -> BenchmarkSpec:
@@ -240,7 +293,7 @@ def _models(
     return models, pretrained, {name: f.result() for name, f in prepared.items()}
 
 
-@flow(name="benchmark", log_prints=True)
+@flow(name="benchmark", log_prints=True, on_cancellation=[mark_runs_killed])
 def benchmark(
     preset: str = "demo",
     overrides: dict[str, Any] | None = None,
@@ -263,7 +316,7 @@ def benchmark(
     if dispatch is not None:
         spec = spec.model_copy(update={"compute": spec.compute.model_copy(update={"dispatch": dispatch})})
     logger = run_logger()
-    tracker, parent, ctx = open_tracking(spec, f"benchmark:{spec.experiment}", {"vitflow.preset": preset})
+    tracker, parent, ctx = open_tracking(spec, parent_run_name(preset, spec), {"vitflow.preset": preset})
     status = "FAILED"
     try:
         models, pretrained, datasets = _models(spec, tracker, parent, ctx)
@@ -272,8 +325,13 @@ def benchmark(
         summary = aggregate(spec, ctx, results, pretrained, datasets, models[plan.PRETRAINED])
         tracker.log_metrics(parent, summary.headline)
         tracker.set_tags(parent, {"vitflow.results_uri": summary.results_uri})
+        tracker.flush()
+        publish_run_page(summary, ctx)
         logger.info("results: %s", summary.report_uri)
         status = "FINISHED"
         return summary
+    except TerminationSignal:  # cancelled: the worker or runner terminates the flow run's process
+        status = "KILLED"
+        raise
     finally:
         tracker.finish(parent, status)

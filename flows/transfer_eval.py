@@ -17,6 +17,7 @@ from prefect.task_runners import ThreadPoolTaskRunner
 
 from flows.benchmark import aggregate, open_tracking, prepare_datasets, resolve, transfer
 from flows.presets import build_spec
+from tasks.aggregate import publish_run_page
 from tasks.common import run_logger
 from tasks.compare import BaselineChoice, evaluation, judge, publish_verdict
 from tasks.models import resolve_model_ref
@@ -58,6 +59,7 @@ def transfer_eval(
         results = transfer.with_options(task_runner=runner)(spec, tracking, datasets, {"pretrained": source})
         summary = aggregate(spec, tracking, results, None, datasets, source)
         tracker.set_tags(parent, {"vitflow.results_uri": summary.results_uri})
+        publish_run_page(summary, tracking)
         if not tracker.flush() or parent.id is None:  # the results are kept; judging them needs MLflow
             run_logger().warning("MLflow unreachable: %s evaluated, not compared with a baseline", model)
             status = "FINISHED"

@@ -6,8 +6,10 @@ Outputs go to ``<artifact root>/runs/<parent run id>/`` (results.parquet/csv, re
 
 from __future__ import annotations
 
+import base64
 import hashlib
 import json
+import re
 import tempfile
 import uuid
 from pathlib import Path
@@ -211,10 +213,10 @@ def aggregate_task(stage: AggregateStage) -> RunSummary:
         records = result_records(run_id, stage.model_name, stage.pretrain_name, stage.results)
         df = results_frame(pd.DataFrame(records, columns=list(RESULT_COLUMNS)))
         headline = log_results_to_parent(tracker, ctx, df, stage.groups)
-        markdown = _publish(stage, df, headline, target, tracker, run, run_id)
+        _publish(stage, df, headline, target, tracker, run, run_id)
         tracker.log_metrics(run, headline)
-        _prefect_artifacts(df, markdown, target, ctx)
-        table = to_markdown(_summary_table(df), index=False)  # printed by the CLI, an artifact in the UI
+        summary = _summary_table(df)
+        table = to_markdown(summary, index=False)  # printed by the CLI; the rows are the run page's table
         logger.info("results of %s: %d rows (the flow run's `results-table` artifact)", stage.experiment, len(df))
     except BaseException:
         tracker.finish(run, "FAILED")
@@ -226,6 +228,7 @@ def aggregate_task(stage: AggregateStage) -> RunSummary:
         headline=headline,
         table=table,
         run_id=run_id,
+        table_rows=summary.round(2).fillna("").to_dict("records"),
     )
 
 
@@ -240,9 +243,9 @@ def _publish(
     tracker: Tracker,
     run: RunRef,
     run_id: str,
-) -> str:
+) -> None:
     """Write the results, report, plots and headline to ``target`` and the aggregate run (the tables and report
-    also to the parent run); returns the report's markdown."""
+    also to the parent run)."""
     from tasks.report import write_report
     from tasks.results import write_results
 
@@ -267,7 +270,6 @@ def _publish(
             tracker.log_artifact(run, path, str(Path(rel).parent) if "/" in rel else None)
             if parent_run is not None and path.name in PARENT_FILES:
                 tracker.log_artifact(parent_run, path, None)
-        return (out / "report.md").read_text()
 
 
 def _summary_table(df: pd.DataFrame) -> pd.DataFrame:
@@ -287,22 +289,57 @@ def _summary_table(df: pd.DataFrame) -> pd.DataFrame:
     return table[sorted(table.columns, key=order.__getitem__)].reset_index().rename_axis(columns=None)
 
 
-def _prefect_artifacts(df: pd.DataFrame, markdown: str, target: str, ctx: TrackingContext) -> None:
-    try:
-        from prefect.artifacts import create_link_artifact, create_markdown_artifact, create_table_artifact
-    except ImportError:
-        return
-    try:
-        summary = _summary_table(df).round(2).fillna("")
-        create_table_artifact(
-            summary.to_dict("records"),
-            key="results-table",
-            description="Top-1 accuracy (%): MLflow's `<benchmark>/<setting>/top1`",
+def mlflow_run_url(ctx: TrackingContext, run_id: str) -> str | None:
+    """The run's page in the MLflow UI, when the tracking URI is a server (a SQLite file has no UI to link to)."""
+    if not ctx.tracking_uri.startswith("http"):
+        return None
+    return f"{ctx.tracking_uri.rstrip('/')}/#/experiments/{ctx.experiment_id}/runs/{run_id}"
+
+
+def _inline_plots(markdown: str, folder: str) -> str:
+    """The report's markdown with its ``plots/<name>.png`` links replaced by ``data:`` URIs: a Prefect markdown
+    artifact is shown by a browser that cannot read the artifact store, so the images travel inside it."""
+
+    def embed(match: re.Match[str]) -> str:
+        png = storage.read_bytes(storage.join(folder, match.group(2)))
+        return f"{match.group(1)}(data:image/png;base64,{base64.b64encode(png).decode('ascii')})"
+
+    return re.sub(r"(!\[[^\]]*\])\((plots/[^)\s]+\.png)\)", embed, markdown)
+
+
+def _links_markdown(summary: RunSummary, ctx: TrackingContext, tracker: Tracker) -> str:
+    """The parent run, every stage run and the report, as links a browser opens (MLflow's UI and its artifact
+    endpoint), or, with a SQLite tracking store, where they are and how to open them."""
+    if not ctx.tracking_uri.startswith("http"):
+        return (
+            f"MLflow tracks to `{ctx.tracking_uri}`, a file with no UI server: run "
+            f"`mlflow ui --backend-store-uri {ctx.tracking_uri}` and open run `{summary.run_id}`.\n\n"
+            f"Report: `{summary.report_uri}`\n"
         )
-        create_markdown_artifact(markdown, key="report", description="vitflow report")
-        create_link_artifact(storage.join(target, "report.html"), key="report-html", link_text="report.html")
-        if ctx.tracking_uri.startswith("http") and ctx.parent_run_id:
-            url = f"{ctx.tracking_uri.rstrip('/')}/#/experiments/{ctx.experiment_id}/runs/{ctx.parent_run_id}"
-            create_link_artifact(url, key="mlflow-run", link_text="MLflow run")
-    except Exception as e:  # outside a Prefect run (e.g. a rebuilt report)
-        run_logger().debug("no Prefect artifacts: %s", e)
+    children = tracker.client.search_runs(
+        [ctx.experiment_id], f"tags.`mlflow.parentRunId` = '{summary.run_id}'", max_results=1000
+    )
+    report = f"{ctx.tracking_uri.rstrip('/')}/get-artifact?path=report.html&run_uuid={summary.run_id}"
+    lines = [
+        f"- [MLflow parent run]({mlflow_run_url(ctx, summary.run_id)})",
+        f"- [report (HTML, through MLflow)]({report})",
+        *sorted(f"- [{r.info.run_name}]({mlflow_run_url(ctx, r.info.run_id)})" for r in children),
+    ]
+    return "\n".join(lines) + "\n"
+
+
+def publish_run_page(summary: RunSummary, ctx: TrackingContext) -> None:
+    """The flow run's page in the Prefect UI: the results table, the report with its plots inline and links to
+    the MLflow runs and the report. Called from the parent flow, so the artifacts are on the run a user opens."""
+    from prefect.artifacts import create_link_artifact, create_markdown_artifact, create_table_artifact
+
+    create_table_artifact(
+        summary.table_rows, key="results-table", description="Top-1 accuracy (%): MLflow's `<benchmark>/<setting>/top1`"
+    )
+    folder = summary.report_uri.rsplit("/", 1)[0]
+    markdown = storage.read_bytes(storage.join(folder, "report.md")).decode()
+    create_markdown_artifact(_inline_plots(markdown, folder), key="report", description="vitflow report")
+    tracker = Tracker(ctx.tracking_uri)
+    create_markdown_artifact(_links_markdown(summary, ctx, tracker), key="links", description="MLflow runs, report")
+    if url := mlflow_run_url(ctx, summary.run_id):
+        create_link_artifact(url, key="mlflow-run", link_text="MLflow parent run")

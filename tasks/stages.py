@@ -178,6 +178,7 @@ class RunSummary(Typed):
     headline: dict[str, float]
     table: str
     run_id: str
+    table_rows: list[dict[str, str | float]] = Field(default_factory=list)
     comparison: str | None = None
     regressions: list[str] = Field(default_factory=list)
 

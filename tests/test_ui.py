@@ -10,7 +10,9 @@ from __future__ import annotations
 
 import json
 import re
+import time
 import urllib.parse
+import urllib.request
 import uuid
 from collections.abc import Iterator
 from pathlib import Path
@@ -19,7 +21,7 @@ from typing import Any
 import pytest
 from mlflow import MlflowClient
 
-from tests.servers import REPO, SERVED_BUCKET, wait_for_flow_run
+from tests.servers import REPO, SERVED_BUCKET, api_post, wait_for_flow_run
 
 pytest_plugins = ["tests.servers"]
 
@@ -138,7 +140,7 @@ def ui_run(served_stack, browser) -> dict[str, Any]:
         if experiment
         else []
     )
-    completed_page = ""
+    completed_page, run_page = "", {}
     if parents:
         page.goto(parents[0].data.tags["prefect.flow_run_url"])
         page.get_by_text(run_name).first.wait_for()
@@ -146,6 +148,7 @@ def ui_run(served_stack, browser) -> dict[str, Any]:
             page.get_by_text("Completed").first.wait_for()
         shots["completed"] = shot(page, "prefect-benchmark-completed")
         completed_page = page.inner_text("body")
+        run_page = _run_page(page, stack, flow_run, shots)
     context.close()
     return {
         "flow_run": flow_run,
@@ -154,7 +157,39 @@ def ui_run(served_stack, browser) -> dict[str, Any]:
         "completed_page": completed_page,
         "run_name": run_name,
         "shots": shots,
+        "run_page": run_page,
     }
+
+
+def _artifacts(api: str, flow_run_id: str) -> dict[str, dict[str, Any]]:
+    """The flow run's own Prefect artifacts (not its subflows' or tasks'), by key."""
+    body = json.dumps({"artifacts": {"flow_run_id": {"any_": [flow_run_id]}}}).encode()
+    request = urllib.request.Request(f"{api}/artifacts/filter", body, {"Content-Type": "application/json"})
+    with urllib.request.urlopen(request) as response:
+        artifacts = json.load(response)
+    return {a["key"]: a for a in artifacts if a["key"] and a["task_run_id"] is None}
+
+
+def _run_page(page, stack, flow_run: dict[str, Any], shots: dict[str, Path]) -> dict[str, Any]:
+    """What the parent run's page shows: its Artifacts tab, the report artifact's images (decoded by the browser
+    or not) and where the MLflow link leads."""
+    page.get_by_text("Artifacts", exact=True).first.click()
+    page.get_by_text("results-table").first.wait_for()
+    shots["run-artifacts"] = shot(page, "prefect-benchmark-artifacts", full_page=True)
+    artifacts_tab = page.inner_text("body")
+    artifacts = _artifacts(stack.api, flow_run["id"])
+    page.goto(f"{stack.ui}/artifacts/artifact/{artifacts['report']['id']}")
+    page.locator("img").first.wait_for()
+    page.wait_for_function("[...document.images].every(i => i.complete)")
+    widths = page.eval_on_selector_all("img", "imgs => imgs.map(i => i.naturalWidth)")
+    shots["report"] = shot(page, "prefect-benchmark-report", full_page=True)
+    page.goto(f"{stack.ui}/artifacts/artifact/{artifacts['links']['id']}")
+    link = page.get_by_role("link", name="MLflow parent run")
+    link.wait_for()
+    shots["links"] = shot(page, "prefect-benchmark-links")
+    page.goto(link.get_attribute("href"))
+    page.get_by_text("benchmark", exact=False).first.wait_for()
+    return {"artifacts_tab": artifacts_tab, "artifacts": artifacts, "widths": widths, "mlflow": page.inner_text("body")}
 
 
 def test_custom_benchmark_run_from_the_prefect_ui_lands_in_mlflow(served_stack, ui_run):
@@ -192,9 +227,28 @@ def test_custom_benchmark_run_from_the_prefect_ui_lands_in_mlflow(served_stack, 
     # the pre-trained model is registered under the experiment's name, with the alias the nightly evaluation reads
     version = client.get_model_version_by_alias(f"{EXPERIMENT}-vit_micro_4", "candidate")
     assert version.run_id == children[STAGES[0]].info.run_id
-    assert {"deployments", "form", "completed"} <= set(ui_run["shots"])
+    assert {"deployments", "form", "completed", "run-artifacts", "report"} <= set(ui_run["shots"])
     assert all(p.stat().st_size > 10_000 for p in ui_run["shots"].values())
     print(f"screenshots: {SHOTS}")
+
+
+def test_the_flow_run_page_holds_the_results_report_and_http_links(served_stack, ui_run):
+    run_page = ui_run["run_page"]
+    assert {"results-table", "report", "links", "mlflow-run"} <= set(run_page["artifacts"])  # on the parent run
+    assert "results-table" in run_page["artifacts_tab"] and "report" in run_page["artifacts_tab"]
+    table = json.loads(run_page["artifacts"]["results-table"]["data"])
+    assert [row["benchmark"] for row in table] == [BENCH]
+    assert run_page["widths"] and all(w > 0 for w in run_page["widths"])  # every plot of the report is drawn
+    links = run_page["artifacts"]["links"]["data"]
+    urls = re.findall(r"\]\(([^)]+)\)", links)
+    assert "s3://" not in links and urls and all(u.startswith(served_stack.mlflow) for u in urls)
+    assert all(f"[{name}]" in links for name in STAGES)  # each stage's MLflow run
+    report = next(u for u in urls if "get-artifact" in u)
+    with urllib.request.urlopen(report) as response:
+        assert b"<img" in response.read()  # the HTML report, served through MLflow
+    (parent,) = ui_run["parents"]
+    assert parent.info.run_id in run_page["artifacts"]["mlflow-run"]["data"]
+    assert parent.info.run_name in run_page["mlflow"]  # the link opened the parent run's MLflow page
 
 
 def test_mlflow_ui_compares_the_pretraining_and_the_finetune(served_stack, ui_run, page):
@@ -219,3 +273,65 @@ def test_mlflow_ui_compares_the_pretraining_and_the_finetune(served_stack, ui_ru
     lines = {line.strip() for line in text.splitlines()}
     assert {"Parameters", "Metrics", "train/loss", "train/lr"} <= lines  # both runs' curves side by side
     assert path.stat().st_size > 10_000
+
+
+def _flow_runs_mlflow(tracking: str, flow_run_id: str) -> list[Any]:
+    client = MlflowClient(tracking)
+    experiment = client.get_experiment_by_name(EXPERIMENT)
+    filter_ = f"tags.`prefect.flow_run_id` = '{flow_run_id}'"
+    return client.search_runs([experiment.experiment_id], filter_) if experiment else []
+
+
+def _wait(condition, what: str, timeout: float = 120) -> Any:
+    """Poll ``condition`` until it returns something truthy (a deadline, not a timed assert: fails only if the
+    event never comes)."""
+    start = time.monotonic()
+    while not (found := condition()):
+        assert time.monotonic() - start < timeout, f"never saw {what}"
+        time.sleep(1)
+    return found
+
+
+def _set_state(api: str, flow_run_id: str, state: dict[str, str]) -> None:
+    api_post(f"{api}/flow_runs/{flow_run_id}/set_state", {"state": state, "force": True})
+
+
+def test_cancel_kills_the_mlflow_runs_and_retry_continues_the_same_parent(served_stack, ui_run):
+    """Cancel a running benchmark (a long pre-training): its MLflow runs end KILLED; Retry (what the UI's Retry
+    button sends) runs the same flow run again, under the same parent MLflow run."""
+    api = served_stack.api
+    (deployment,) = api_post(f"{api}/deployments/filter", {"deployments": {"name": {"any_": ["benchmark"]}}})
+    overrides = {**OVERRIDES, "pretrain.steps": 100_000, "pretrain.warmup_steps": 10}
+    flow_run = api_post(
+        f"{api}/deployments/{deployment['id']}/create_flow_run", {"parameters": {"overrides": overrides}}
+    )
+
+    def running_pretrain() -> list[Any]:
+        runs = _flow_runs_mlflow(served_stack.mlflow, flow_run["id"])
+        return [r for r in runs if r.info.run_name.startswith("pretrain") and r.info.status == "RUNNING"] and runs
+
+    _wait(running_pretrain, "the pre-training running", timeout=240)
+    _set_state(api, flow_run["id"], {"type": "CANCELLING"})
+    assert wait_for_flow_run(api, {"id": {"any_": [flow_run["id"]]}})["state_type"] == "CANCELLED"
+    runs = _wait(
+        lambda: (
+            (r := _flow_runs_mlflow(served_stack.mlflow, flow_run["id"]))
+            and all(x.info.status != "RUNNING" for x in r)
+            and r
+        ),
+        "every MLflow run ended",
+    )
+    status = {r.info.run_name: r.info.status for r in runs}
+    assert {s for n, s in status.items() if not n.startswith("prepare:")} == {"KILLED"}, status  # flow, pretrain
+    assert {s for n, s in status.items() if n.startswith("prepare:")} == {"FINISHED"}  # done before the cancel
+    (parent,) = [r for r in runs if r.data.tags["vitflow.stage"] == "flow"]
+    assert parent.info.run_name.startswith("demo vit_micro_4 ")  # preset, model, date
+
+    _set_state(api, flow_run["id"], {"type": "SCHEDULED", "name": "AwaitingRetry"})
+    _wait(running_pretrain, "the retried pre-training running", timeout=240)
+    parents = [
+        r for r in _flow_runs_mlflow(served_stack.mlflow, flow_run["id"]) if r.data.tags["vitflow.stage"] == "flow"
+    ]
+    assert [p.info.run_id for p in parents] == [parent.info.run_id] and parents[0].info.status == "RUNNING"
+    _set_state(api, flow_run["id"], {"type": "CANCELLING"})
+    wait_for_flow_run(api, {"id": {"any_": [flow_run["id"]]}})
