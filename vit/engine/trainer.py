@@ -275,8 +275,8 @@ class Trainer:
     def fit(self) -> TrainResult:
         resumed = self._restore()
         result = TrainResult(step=self.step, resumed_from=resumed)
+        previous_handlers = self._install_stop_handlers()  # before "start": from then on a signal means a checkpoint
         self._emit("start", {"total_steps": self.total_steps, "resumed_from": resumed})
-        previous_handlers = self._install_stop_handlers()
         peak = self.cfg.peak_flops
         if peak is None and self.flops_per_image:
             peak = peak_flops(self.dist.device, self.cfg.precision)
