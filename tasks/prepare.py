@@ -10,19 +10,6 @@ from tasks.stages import DatasetRef, DatasetStage
 from tasks.tracking import RunRef, Tracker
 
 
-def _retry_unless_bad_input(task, task_run, state) -> bool:
-    """Storage hiccups are retried; bad input (missing files, too many corrupt samples) is not."""
-    from vit.data import DataError
-
-    try:
-        state.result()
-    except DataError:
-        return False
-    except Exception:  # anything else may be transient
-        return True
-    return False
-
-
 def dataset_ref(uri: str) -> DatasetRef:
     """The small description of a prepared dataset that flows pass between tasks."""
     from vit.data import open_dataset
@@ -47,9 +34,6 @@ def log_dataset_input(tracker: Tracker, run: RunRef, ref: DatasetRef, context: s
 @task(
     name="prepare-dataset",
     task_run_name="prepare:{stage.name}",
-    retries=3,
-    retry_delay_seconds=[10, 30, 90],
-    retry_condition_fn=_retry_unless_bad_input,
     cache_policy=NONE,
 )
 def prepare_dataset_task(stage: DatasetStage) -> DatasetRef:
