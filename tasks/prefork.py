@@ -11,6 +11,10 @@ goes, and the server goes when the process that started it does (its stdin close
 Protocol (JSON lines): the client writes ``{"id", "args", "env", "log", "cwd"}`` to the server's stdin; the
 server answers ``{"id", "pid"}`` once it has forked, and ``{"pid", "exit"}`` when that child ends (the exit code,
 or minus the signal).
+
+Hand-made because the stdlib's ``multiprocessing`` forkserver runs Python callables in children it owns: it gives no
+per-run environment (threads are read from ``OMP_NUM_THREADS`` at import), no log file as stdout/stderr, no exit
+code or SIGTERM semantics of a ``python -m vit.engine`` process, which the launcher and its tests rely on.
 """
 
 from __future__ import annotations
