@@ -2,7 +2,7 @@
 
 Feature extraction is timed two ways: end to end as the pipeline runs it (``extract_features`` over a prepared
 synthetic VTAB-like dataset read from shards, the demo's ``vit_micro_4`` at 32 px) and model-only on images held in
-memory (``forward_features`` under ``inference_mode`` for ViT-Ti/16 and ViT-B/16 at 224). The ridge is
+memory (``forward_pre_logits`` under ``inference_mode`` for ViT-Ti/16 and ViT-B/16 at 224). The ridge is
 ``vit.metrics.fewshot_ridge`` at ImageNet scale: 1,000 classes x 25 shots = 25,000 train rows of 768 features,
 10,000 test rows; then the whole 4 shots x 3 seeds sweep (``fewshot_evaluate``) from a pool of 30 per class.
 Features are class-clustered Gaussians; the cost does not depend on their values.
@@ -104,12 +104,12 @@ def extraction_rows(rounds: int, quick: bool) -> tuple[list[list[object]], dict[
 
         @torch.inference_mode()
         def forward(model: torch.nn.Module = model, x: torch.Tensor = x) -> None:
-            model.forward_features(x)
+            model.forward_pre_logits(x)
 
         forward()
         rate = median([batch / timed(forward, 2) for _ in range(rounds)])
         rates[name] = rate
-        rows.append([f"{name} @224", "in-memory images, `forward_features`", batch, rate])
+        rows.append([f"{name} @224", "in-memory images, `forward_pre_logits`", batch, rate])
     return rows, rates
 
 

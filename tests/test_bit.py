@@ -79,7 +79,7 @@ def test_bit_model_offers_the_vit_contract():
     model = vit.create_model("bit_micro", num_classes=7, image_size=32).eval()
     x = images(3, 32)
     assert model(x).shape == (3, 7)
-    features = model.forward_features(x)
+    features = model.forward_pre_logits(x)
     assert features.shape == (3, model.cfg.num_features) == (3, 512)
     assert bool((features >= 0).all())  # pooled after the final GroupNorm + ReLU
     model.reset_classifier(4)
@@ -105,7 +105,7 @@ def test_official_big_transfer_npz_gives_timms_logits(tmp_path, timm_r50):
     with torch.no_grad():
         torch.testing.assert_close(ours(x), theirs(x), atol=1e-4, rtol=0)
         torch.testing.assert_close(
-            ours.forward_features(x),
+            ours.forward_pre_logits(x),
             theirs.forward_head(theirs.forward_features(x), pre_logits=True),
             atol=1e-4,
             rtol=0,
@@ -132,7 +132,7 @@ def test_vitflow_checkpoint_of_a_bit_round_trips_with_its_config(tmp_path):
     assert loaded.cfg.base_width == 32 and loaded.cfg.image_size == (40, 40) and loaded.cfg.num_classes == 2
     x = images(2, 40)
     with torch.no_grad():
-        torch.testing.assert_close(loaded.forward_features(x), model.forward_features(x))
+        torch.testing.assert_close(loaded.forward_pre_logits(x), model.forward_pre_logits(x))
 
 
 def test_bit_npz_with_a_foreign_key_is_refused(tmp_path, timm_r50):

@@ -178,7 +178,7 @@ def test_original_i21k_file_with_pre_logits_and_zeroed_head(tmp_path):
     model = vit.load_pretrained(path)
     assert model.cfg.representation_size == 192 and model.cfg.num_classes == 21843
     x = images(2, SIZE)
-    feats = model.forward_features(x)
+    feats = model.forward_pre_logits(x)
     assert feats.abs().max() <= 1.0  # tanh pre-logits
     fine = vit.load_pretrained(path, num_classes=10, image_size=96)
     assert isinstance(fine.pre_logits, torch.nn.Identity)

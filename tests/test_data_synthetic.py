@@ -95,7 +95,7 @@ def test_pretraining_on_upstream_improves_few_shot_transfer(tmp_path):
         scores = []
         for model in (pretrained.eval(), random_init.eval()):
             with torch.no_grad():
-                features = [model.forward_features(b.images).numpy() for b in (train, test)]
+                features = [model.forward_pre_logits(b.images).numpy() for b in (train, test)]
             predicted = _ridge_predict(features[0], train.labels.numpy(), features[1], task.num_classes, l2=10.0)
             scores.append(float((predicted == test.labels.numpy()).mean()))
         accuracy[name] = (scores[0], scores[1])

@@ -93,7 +93,7 @@ def test_official_initialisation():
 def test_head_bias_init_and_pre_logits_tanh():
     model = create_model("vit_micro_4", image_size=32, num_classes=7, representation_size=64, head_bias_init=-10.0)
     assert torch.all(model.head.bias == -10.0)
-    feats = model.eval().forward_features(images(3, 32))
+    feats = model.eval().forward_pre_logits(images(3, 32))
     assert feats.shape == (3, 64)
     assert feats.abs().max() <= 1.0  # tanh
     assert torch.allclose(model(images(3, 32)), torch.full((3, 7), -10.0))  # zero kernel + bias
@@ -103,7 +103,7 @@ def test_forward_shapes_token_and_gap():
     for pooling in ("token", "gap"):
         model = create_model("vit_micro_4", image_size=32, num_classes=5, pooling=pooling).eval()
         assert model(images(2, 32)).shape == (2, 5)
-        assert model.forward_features(images(2, 32)).shape == (2, 64)
+        assert model.forward_pre_logits(images(2, 32)).shape == (2, 64)
         assert model.pos_embed.shape[1] == 64 + (pooling == "token")
 
 

@@ -6,7 +6,8 @@ with ``a = relu(gn1(x))`` and ``act = relu ∘ gn``; the first unit of a stage p
 (stride on the 3x3 conv; stage 1 stride 1, others 2). The head: GroupNorm, ReLU, global average pool, a linear layer
 (zero-initialised, as BiT's ``zero_head``). Module names are timm's ``ResNetV2`` names, except the head, a
 ``nn.Linear`` called ``head`` (timm: a 1x1 conv ``head.fc``), so the model offers the ViT contract:
-``forward_features`` (B, D) pooled pre-head features, ``forward_head``, ``reset_classifier``, ``set_image_size``.
+``forward_pre_logits`` (B, D) pooled pre-head features, ``forward_head``, ``reset_classifier``,
+``set_image_size``.
 """
 
 from __future__ import annotations
@@ -123,7 +124,7 @@ class ResNetV2(nn.Module):
         """Only records the size: a fully convolutional net with global pooling takes any resolution."""
         self.cfg = replace(self.cfg, image_size=as_hw(image_size))
 
-    def forward_features(self, x: torch.Tensor) -> torch.Tensor:
+    def forward_pre_logits(self, x: torch.Tensor) -> torch.Tensor:
         """Globally average-pooled pre-head features (B, num_features): what few-shot evaluation uses."""
         x = self.stages(self.stem(x))
         return F.relu(self.norm(x)).mean(dim=(2, 3))
@@ -132,7 +133,7 @@ class ResNetV2(nn.Module):
         return self.head(features)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        return self.forward_head(self.forward_features(x))
+        return self.forward_head(self.forward_pre_logits(x))
 
 
 # Options of vit.create_model that only a ViT has, and the values at which a ResNet can ignore them.

@@ -238,15 +238,16 @@ class VisionTransformer(nn.Module):
     def pool(self, tokens: torch.Tensor) -> torch.Tensor:
         return tokens[:, 0] if self.cfg.pooling == "token" else tokens.mean(dim=1)
 
-    def forward_features(self, x: torch.Tensor) -> torch.Tensor:
-        """Pre-logits features (B, num_features): the representation few-shot evaluation uses."""
+    def forward_pre_logits(self, x: torch.Tensor) -> torch.Tensor:
+        """Pre-logits features (B, num_features): the representation few-shot evaluation uses. Not called
+        ``forward_features``: timm's method of that name returns the tokens, which here is :meth:`forward_tokens`."""
         return self.pre_logits(self.pool(self.forward_tokens(x)))
 
     def forward_head(self, features: torch.Tensor) -> torch.Tensor:
         return self.head(features)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        return self.forward_head(self.forward_features(x))
+        return self.forward_head(self.forward_pre_logits(x))
 
     @torch.no_grad()
     def attention_maps(self, x: torch.Tensor) -> list[torch.Tensor]:

@@ -63,13 +63,13 @@ def evaluate_classifier(
 def extract_features(
     model: nn.Module, batches: Iterable, device: torch.device, precision: str = "fp32"
 ) -> tuple[np.ndarray, np.ndarray]:
-    """Pre-logits features (``forward_features``) and labels of every sample, in iteration order."""
+    """Pre-logits features (``forward_pre_logits``) and labels of every sample, in iteration order."""
     was_training = model.training
     model.eval()
     feats, labels = [], []
     for batch in batches:
         with autocast(device, precision):
-            f = model.forward_features(batch[0].to(device, non_blocking=True))
+            f = model.forward_pre_logits(batch[0].to(device, non_blocking=True))
         feats.append(f.float().cpu().numpy())
         labels.append(np.asarray(batch[1]))
     model.train(was_training)
