@@ -196,12 +196,12 @@ def test_benchmark_end_to_end_on_s3_and_mlflow_server(prefect_server, mlflow_ser
     # search_runs compares the two runs
     import mlflow
 
-    previous = mlflow.get_tracking_uri()
-    mlflow.set_tracking_uri(mlflow_server)  # process-wide: put back below, or later tests talk to this server
+    # process-wide, and exported as $MLFLOW_TRACKING_URI: undone below, or later tests talk to this server
+    mlflow.set_tracking_uri(mlflow_server)
     try:
         found = mlflow.search_runs(experiment_names=["pipeline-test"], filter_string="tags.`vitflow.stage` = 'flow'")
     finally:
-        mlflow.set_tracking_uri(previous)
+        mlflow.set_tracking_uri(None)  # also unsets the variable (it was not set when the test began)
     assert {first.run_id, second.run_id} <= set(found["run_id"])
     assert find_runs(mlflow_server, "pipeline-test", last=2) == [second.run_id, first.run_id]
     table = compare(mlflow_server, [first.run_id, second.run_id], threshold=1.0)
