@@ -323,7 +323,6 @@ def benchmark(
         runner = ThreadPoolTaskRunner(max_workers=spec.compute.max_parallel)
         results = transfer.with_options(task_runner=runner)(spec, ctx, datasets, models)
         summary = aggregate(spec, ctx, results, pretrained, datasets, models[plan.PRETRAINED])
-        tracker.log_metrics(parent, summary.headline)
         tracker.set_tags(parent, {"vitflow.results_uri": summary.results_uri})
         tracker.flush()
         publish_run_page(summary, ctx)
