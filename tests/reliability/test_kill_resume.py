@@ -44,7 +44,9 @@ def test_sigkill_at_five_random_points_resumes_to_identical_weights(tiny_dataset
         resumed_from.append(start["resumed_from"])
         latest = manager.latest_step()
         assert latest is not None and latest < STEPS, "the run finished before it was killed"
-        assert manager.load_latest().step == latest  # what a kill leaves behind verifies
+        # what a kill leaves behind verifies: the pointer's step, or a newer one killed after its manifest
+        loaded = manager.load_latest()
+        assert loaded is not None and latest <= loaded.step < STEPS
     before = len(events(killed_dir))
     final = launch_engine(config, killed_dir)
     assert final.wait(timeout=300) == 0, (killed_dir / "engine.log").read_text()[-3000:]
