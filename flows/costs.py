@@ -17,7 +17,7 @@ from dataclasses import dataclass, replace
 from flows import plan
 from flows.specs import BenchmarkSpec
 from vit.configs import model_config
-from vit.engine.trainer import _GPU_PEAK_BF16 as GPU_PEAK_BF16
+from vit.engine.trainer import GPU_PEAK_BF16
 
 # Training images of the public pre-training sets (image-net.org: the fall 2011 ImageNet-21k release, the
 # ILSVRC-2012 training set).

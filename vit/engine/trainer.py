@@ -78,7 +78,7 @@ class _Window:
 
 
 # Dense bf16 peaks per device, for MFU on GPUs (vendor datasheets).
-_GPU_PEAK_BF16 = {"H100": 989.4e12, "H200": 989.4e12, "A100": 312e12, "L4": 121e12, "A10": 125e12}
+GPU_PEAK_BF16 = {"H100": 989.4e12, "H200": 989.4e12, "A100": 312e12, "L4": 121e12, "A10": 125e12}
 
 
 def measure_gemm_flops(n: int = 1024, repeats: int = 8, dtype: torch.dtype = torch.float32) -> float:
@@ -94,7 +94,7 @@ def measure_gemm_flops(n: int = 1024, repeats: int = 8, dtype: torch.dtype = tor
 def peak_flops(device: torch.device, precision: str) -> float | None:
     if device.type == "cuda":
         name = torch.cuda.get_device_name(device)
-        peak = next((v for k, v in _GPU_PEAK_BF16.items() if k in name), None)
+        peak = next((v for k, v in GPU_PEAK_BF16.items() if k in name), None)
         return None if peak is None else (peak if precision != "fp32" else peak / 2)
     return measure_gemm_flops(dtype=torch.bfloat16 if precision == "bf16" else torch.float32)
 
