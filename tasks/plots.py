@@ -297,3 +297,41 @@ def plot_fewshot(results: pd.DataFrame, path: PathLike | None = None, title: str
     if not by_panel:
         axes[0].set_ylabel("Accuracy (%), mean ± std over seeds")
     return _png(fig, path)
+
+
+SCALING_AXES = {
+    "upstream_images": "Pre-training images (log scale)",
+    "pretrain_exaflops": "Pre-training compute, exaFLOPs (log scale)",
+}
+
+
+def plot_scaling(
+    table: pd.DataFrame, x: str, setting: str, panels: str = "both", path: PathLike | None = None, title: str = ""
+) -> bytes:
+    """Accuracy against pre-training set size or compute (log x), a line per model: the paper's Fig. 4 and 5.
+
+    ``table`` is the scaling study's table (columns model, upstream_images, pretrain_exaflops, benchmark, setting,
+    top1 in percent; benchmark ``mean`` is the mean over benchmarks). ``x``: upstream_images or
+    pretrain_exaflops; ``panels``: average (the ``mean`` panel), each (a panel per benchmark) or both.
+    """
+    if x not in SCALING_AXES:
+        raise ValueError(f"x must be one of {', '.join(SCALING_AXES)}, got {x!r}")
+    rows = table[table["setting"] == setting]
+    if rows.empty:
+        raise ValueError(f"no results of the setting {setting!r} to plot")
+    each = sorted(b for b in set(rows["benchmark"]) if b != "mean")
+    average = ["mean"] if "mean" in set(rows["benchmark"]) else []
+    shown = {"average": average or each, "each": each, "both": average + each}[panels]
+    style = _line_styles(rows["model"])
+    fig, axes = _small_multiples(len(shown), ncols=4, width=3.6, height=2.9, title=title or f"{setting} top-1")
+    for ax, bench in zip(axes, shown, strict=True):
+        for model, part in rows[rows["benchmark"] == bench].groupby("model", sort=False):
+            part = part.sort_values(x)
+            ax.plot(part[x], part["top1"], marker="o", label=str(model), **style[model])
+        ax.set_xscale("log")
+        ax.set_title("mean over benchmarks" if bench == "mean" else bench, fontsize="medium")
+        ax.set_xlabel(SCALING_AXES[x])
+        ax.set_ylabel(f"{setting} top-1 (%)")
+        ax.grid(alpha=0.3, which="both")
+        ax.legend(fontsize="small")
+    return _png(fig, path)

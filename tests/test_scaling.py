@@ -1,0 +1,136 @@
+"""The scaling flow end to end on tiny synthetic data (Prefect's test harness, SQLite MLflow, a local artifact root):
+a parent run with a metric per (model, size), a table of every arm, Figures 4 and 5 in the report, a cached re-run
+that trains only an added size, and bit-vs-vit as one run with both models side by side."""
+
+from __future__ import annotations
+
+import numpy as np
+import pandas as pd
+import pytest
+from mlflow import MlflowClient
+
+TINY = [
+    "base.pretrain.steps=8",
+    "base.pretrain.batch_size=16",
+    "base.pretrain.warmup_steps=2",
+    "base.pretrain.dataset.options.classes=8",
+    "base.pretrain.dataset.options.per_class=25",
+    "base.transfer.fewshot.shots=[1,2]",
+    "base.transfer.fewshot.seeds=[0]",
+    "plot.shots=2",
+    "base.transfer.finetune.steps=4",
+    "base.transfer.finetune.batch_size=16",
+    "base.compute.max_parallel=1",
+]
+TASKS = ("synth/natural_objects", "synth/structured_count")
+
+
+def tiny_spec(preset: str, root, extra=()):
+    from flows.scaling_presets import build_scaling_spec
+
+    spec = build_scaling_spec(
+        preset,
+        [*TINY, f"base.artifact_root={root / 'artifacts'}", f"base.tracking_uri=sqlite:///{root / 'mlflow.db'}", *extra],
+    )
+    benches = [
+        b.model_copy(update={"dataset": b.dataset.model_copy(update={"options": {"size": 32, "test": 40}})})
+        for b in spec.base.transfer.benchmarks
+        if b.name in TASKS
+    ]
+    base = spec.base.model_copy(update={"transfer": spec.base.transfer.model_copy(update={"benchmarks": benches})})
+    return spec.model_copy(update={"base": base})
+
+
+@pytest.fixture(scope="module")
+def harness():
+    from prefect.testing.utilities import prefect_test_harness
+
+    with prefect_test_harness(server_startup_timeout=120):
+        yield
+
+
+@pytest.fixture(scope="module")
+def root(tmp_path_factory):
+    return tmp_path_factory.mktemp("scaling")
+
+
+def _children(client: MlflowClient, parent_id: str, stage: str):
+    run = client.get_run(parent_id)
+    query = f"tags.mlflow.parentRunId = '{parent_id}' and tags.`vitflow.stage` = '{stage}'"
+    return client.search_runs([run.info.experiment_id], query, max_results=500)
+
+
+def test_nested_subsets_lie_inside_each_other_and_are_seeded():
+    from vit.data.dataset import nested_subset
+
+    small, large = nested_subset(200, 50, seed=3), nested_subset(200, 120, seed=3)
+    assert len(set(small.tolist())) == 50 and set(small.tolist()) <= set(large.tolist())
+    assert (np.diff(large) > 0).all() and not np.array_equal(small, nested_subset(200, 50, seed=4))
+
+
+def test_scaling_spec_refuses_what_the_study_cannot_run(tmp_path):
+    from flows.scaling_presets import build_scaling_spec
+
+    for overrides, message in [
+        (["upstream_sizes=[100,100]"], "each size once"),
+        (["plot.shots=3"], "plot.shots 3"),
+        (["plot.setting=finetune"], "finetune=true"),
+        (["base.transfer.from_scratch_baseline=true"], "from_scratch_baseline"),
+    ]:
+        with pytest.raises(ValueError, match=message):
+            build_scaling_spec("scaling", overrides)
+    assert build_scaling_spec("scaling", ["upstream_sizes=[full,500]"]).upstream_sizes == [500, "full"]
+
+
+def test_scaling_flow_tables_plots_and_retrains_only_an_added_size(harness, root):
+    from flows.scaling import scaling
+
+    summary = scaling(spec=tiny_spec("scaling", root, ["upstream_sizes=[50,full]"]), preset="scaling")
+    client = MlflowClient(f"sqlite:///{root / 'mlflow.db'}")
+    metrics = client.get_run(summary.run_id).data.metrics
+    for model in ("vit_micro_4", "bit_micro"):
+        for images in (50, 200):
+            assert f"{model}/{images}/pretrain/exaflops" in metrics
+            for bench in (*TASKS, "mean"):
+                assert 0 <= metrics[f"{model}/{images}/{bench}/2shot/top1"] <= 100
+    flops = {m: metrics[f"{m}/200/pretrain/exaflops"] for m in ("vit_micro_4", "bit_micro")}
+    assert metrics["vit_micro_4/50/pretrain/exaflops"] == flops["vit_micro_4"]  # same steps for every size
+    assert abs(flops["vit_micro_4"] / flops["bit_micro"] - 1) < 0.05  # matched compute
+
+    folder = root / "artifacts" / "runs" / summary.run_id
+    table = pd.read_csv(folder / "scaling.csv")
+    assert list(table.columns) == ["model", "upstream_images", "pretrain_exaflops", "benchmark", "setting", "top1"]
+    assert len(table) == 2 * 2 * (len(TASKS) + 1) * 2  # models x sizes x (benchmarks + mean) x shots
+    html = (folder / "report.html").read_text()
+    for figure in ("Figure 4", "Figure 5"):
+        (plot,) = (folder / "plots").glob(f"{figure.replace(' ', '_')}*.png")
+        assert plot.read_bytes().startswith(b"\x89PNG")
+        assert f'alt="{figure}' in html
+    assert "Scaling study" in html and "vit_micro_4 · 50 images" in html
+    pretrains = _children(client, summary.run_id, "pretrain")
+    assert sorted(r.info.run_name for r in pretrains) == sorted(
+        ["pretrain:vit_micro_4", "pretrain:vit_micro_4:n=50", "pretrain:bit_micro", "pretrain:bit_micro:n=50"]
+    )
+
+    again = scaling(spec=tiny_spec("scaling", root, ["upstream_sizes=[50,100,full]"]), preset="scaling")
+    trained = {r.info.run_name: r.data.tags["vitflow.cached"] for r in _children(client, again.run_id, "pretrain")}
+    assert {name for name, cached in trained.items() if cached == "false"} == {
+        "pretrain:vit_micro_4:n=100",
+        "pretrain:bit_micro:n=100",
+    }
+    assert len(trained) == 6
+    assert len(pd.read_csv(root / "artifacts" / "runs" / again.run_id / "scaling.csv")) == 2 * 3 * 3 * 2
+
+
+def test_bit_vs_vit_is_one_run_with_both_models_side_by_side(harness, root):
+    from flows.scaling import scaling
+
+    summary = scaling(spec=tiny_spec("bit-vs-vit", root), preset="bit-vs-vit")
+    folder = root / "artifacts" / "runs" / summary.run_id
+    table = pd.read_csv(folder / "scaling.csv")
+    assert set(table["model"]) == {"vit_micro_4", "bit_micro"} and set(table["upstream_images"]) == {200}
+    finetuned = table[table["setting"] == "finetune"].pivot(index="benchmark", columns="model", values="top1")
+    assert finetuned.notna().all().all() and set(finetuned.index) == {*TASKS, "mean"}
+    markdown = (folder / "report.md").read_text()
+    header = next(line for line in markdown.splitlines() if "ViT-micro/4" in line and "BiT-micro" in line)
+    assert "(synthetic-upstream)" in header  # the paper-shaped fine-tuning table: a column per model
