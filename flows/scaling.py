@@ -45,7 +45,7 @@ def subsets(spec: ScalingSpec, upstream: DatasetRef) -> list[int | None]:
     for size in spec.upstream_sizes:
         if size != FULL and size > total:
             raise ValueError(f"upstream_sizes: {size:,} is more than the {total:,} training images of {upstream.name}")
-        subset = None if size == FULL or size == total else size
+        subset = None if size in (FULL, total) else size
         if subset not in out:
             out.append(subset)
     return out

@@ -86,7 +86,9 @@ class ScalingSpec(Spec):
             errors.append("plot.setting fewshot needs few-shot evaluation on at least one benchmark")
         if self.plot.setting == "fewshot" and self.plot.shots not in base.transfer.fewshot.shots:
             errors.append(f"plot.shots {self.plot.shots} is not in base.transfer.fewshot.shots")
-        if self.plot.setting == "finetune" and not (self.finetune and any(b.finetune for b in base.transfer.benchmarks)):
+        if self.plot.setting == "finetune" and not (
+            self.finetune and any(b.finetune for b in base.transfer.benchmarks)
+        ):
             errors.append("plot.setting finetune needs finetune=true and a benchmark that fine-tunes")
         if errors:
             raise ValueError("; ".join(errors))

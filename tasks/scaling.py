@@ -99,7 +99,9 @@ def table_metrics(table: pd.DataFrame) -> dict[str, float]:
 def side_by_side(table: pd.DataFrame) -> pd.DataFrame:
     """The table as the report shows it: a row per (benchmark, setting), a column per arm (the paper's Table 2
     layout when there is one size, its Fig. 4 data when there are several)."""
-    arms = table.assign(arm=[f"{m} · {n:,} images" for m, n in zip(table["model"], table["upstream_images"], strict=True)])
+    arms = table.assign(
+        arm=[f"{m} · {n:,} images" for m, n in zip(table["model"], table["upstream_images"], strict=True)]
+    )
     wide = arms.pivot_table(index=["benchmark", "setting"], columns="arm", values="top1", aggfunc="mean", sort=False)
     return wide.rename_axis(columns=None)
 
@@ -158,4 +160,3 @@ def scaling_aggregate_task(stage: ScalingAggregateStage) -> RunSummary:
         run_id=run_id,
         table_rows=table.round(4).to_dict("records"),
     )
-

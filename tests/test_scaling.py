@@ -30,7 +30,12 @@ def tiny_spec(preset: str, root, extra=()):
 
     spec = build_scaling_spec(
         preset,
-        [*TINY, f"base.artifact_root={root / 'artifacts'}", f"base.tracking_uri=sqlite:///{root / 'mlflow.db'}", *extra],
+        [
+            *TINY,
+            f"base.artifact_root={root / 'artifacts'}",
+            f"base.tracking_uri=sqlite:///{root / 'mlflow.db'}",
+            *extra,
+        ],
     )
     benches = [
         b.model_copy(update={"dataset": b.dataset.model_copy(update={"options": {"size": 32, "test": 40}})})
