@@ -399,8 +399,9 @@ def deploy(
     """Serve vitflow's deployments to the Prefect API, for the UI and schedules.
 
     Serves against `PREFECT_API_URL`: benchmark (UI form: preset + overrides), transfer-eval-nightly (cron 02:00
-    UTC; `VITFLOW_NIGHTLY_MODEL`, `VITFLOW_NIGHTLY_CRON`), prepare-datasets, and the train-stage / fewshot-stage
-    jobs used by `dispatch=deployments`. Runs until interrupted. With `--work-pool`, registers them on that pool
+    UTC; `VITFLOW_NIGHTLY_MODEL`, `VITFLOW_NIGHTLY_CRON`), prepare-datasets, the scaling flow's scaling,
+    scaling-i21k and bit-vs-vit (UI form: the preset's spec), and the train-stage / fewshot-stage jobs used by
+    `dispatch=deployments`. Runs until interrupted. With `--work-pool`, registers them on that pool
     for workers instead (see infra/prefect.yaml)."""
     from flows.automations import ensure_nightly_notification
     from flows.deployments import runner_deployments, serve

@@ -154,11 +154,12 @@ def pretrain_stage(spec: BenchmarkSpec, dataset: DatasetRef, tracking: TrackingC
     """Pre-training on the upstream dataset, registered as ``<experiment>-<model>@<alias>`` unless named."""
     assert spec.pretrain is not None
     config, key = pretrain_config(spec, dataset.uri)
-    name = f"pretrain:{spec.model.name}" + (f":n={spec.pretrain.train_subset}" if spec.pretrain.train_subset else "")
+    subset = spec.pretrain.train_subset
+    name = f"pretrain:{spec.model.name}" + (f":n={subset}" if subset else "")
     return TrainStage(
         kind="pretrain",
         name=name,
-        title=f"pretrain {spec.model.name} on {dataset.name}",
+        title=f"pretrain {spec.model.name} on {dataset.name}" + (f" ({subset:,} images)" if subset else ""),
         uri=stage_uri(spec.resolved_artifact_root(), "pretrain", name, key),
         config=config,
         launch=launch(spec),

@@ -11,13 +11,15 @@ from __future__ import annotations
 import json
 import math
 from datetime import datetime
+from types import SimpleNamespace
+from typing import Any
 
 from prefect import flow
 from prefect.exceptions import TerminationSignal
 from prefect.task_runners import ThreadPoolTaskRunner
 
 from flows import plan
-from flows.benchmark import _submit_prepares, open_tracking, resolve, transfer
+from flows.benchmark import _submit_prepares, mark_runs_killed, open_tracking, resolve, transfer
 from flows.costs import training_flops
 from flows.scaling_spec import FULL, ScalingSpec
 from flows.specs import BenchmarkSpec
@@ -107,7 +109,14 @@ def _study(spec: ScalingSpec, ctx: TrackingContext) -> ScalingAggregateStage:
     )
 
 
-@flow(name="scaling", log_prints=True)
+def mark_arms_killed(flow: Any, flow_run: Any, state: Any) -> None:
+    """Prefect's on_cancellation hook: the benchmark flow's, for the study's base spec (every MLflow run of the
+    flow run not finished ends KILLED)."""
+    base = ScalingSpec.model_validate(flow_run.parameters["spec"]).base
+    mark_runs_killed(flow, SimpleNamespace(id=flow_run.id, parameters={"spec": base.model_dump(mode="json")}), state)
+
+
+@flow(name="scaling", log_prints=True, on_cancellation=[mark_arms_killed])
 def scaling(spec: ScalingSpec, preset: str = "scaling") -> RunSummary:
     """The paper's scaling study: pre-train every model on nested random subsets of the upstream set, transfer each
     (few-shot, and fine-tune with ``finetune``), and plot accuracy against pre-training set size (Figure 4) and

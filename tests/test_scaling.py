@@ -139,3 +139,38 @@ def test_bit_vs_vit_is_one_run_with_both_models_side_by_side(harness, root):
     markdown = (folder / "report.md").read_text()
     header = next(line for line in markdown.splitlines() if "ViT-micro/4" in line and "BiT-micro" in line)
     assert "(synthetic-upstream)" in header  # the paper-shaped fine-tuning table: a column per model
+
+
+def test_cli_lists_the_scaling_presets_and_plans_every_arm():
+    from typer.testing import CliRunner
+
+    from flows.cli import app
+
+    listed = CliRunner().invoke(app, ["presets"])
+    assert listed.exit_code == 0 and all(f"\n{p} " in listed.output for p in ("scaling", "scaling-i21k", "bit-vs-vit"))
+    planned = CliRunner().invoke(app, ["run", "scaling", "--dry-run", "--set", "upstream_sizes=[500,full]"])
+    assert planned.exit_code == 0, planned.output
+    for arm in (
+        "pretrain:vit_micro_4:n=500",
+        "pretrain:vit_micro_4 ",
+        "pretrain:bit_micro:n=500",
+        "pretrain:bit_micro ",
+    ):
+        assert arm in planned.output
+    refused = CliRunner().invoke(app, ["run", "scaling", "--set", "plot.shots=4"])
+    assert refused.exit_code == 2 and "plot.shots 4" in refused.output
+
+
+def test_a_cancelled_study_ends_its_open_mlflow_runs_killed(tmp_path):
+    from types import SimpleNamespace
+
+    from flows.scaling import mark_arms_killed
+
+    spec = tiny_spec("scaling", tmp_path)
+    client = MlflowClient(spec.base.tracking_uri)
+    experiment = client.create_experiment(spec.base.experiment, artifact_location=str(tmp_path / "mlruns"))
+    tags = {"prefect.flow_run_id": "fr-1"}
+    open_run, done = (client.create_run(experiment, tags=tags).info.run_id for _ in range(2))
+    client.set_terminated(done, "FINISHED")
+    mark_arms_killed(None, SimpleNamespace(id="fr-1", parameters={"spec": spec.model_dump(mode="json")}), None)
+    assert [client.get_run(r).info.status for r in (open_run, done)] == ["KILLED", "FINISHED"]
