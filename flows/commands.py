@@ -84,6 +84,18 @@ def _where_to_look(summary: RunSummary, tracking_uri: str) -> None:
         typer.echo(f"            mlflow ui --backend-store-uri {tracking_uri}   (then open http://127.0.0.1:5000)")
 
 
+def print_plan(spec, make_plan, gpu: str, mfu: float) -> None:
+    """``--dry-run``: the validated spec and the cost plan ``make_plan(spec, gpu, mfu)`` makes of it."""
+    from flows.costs import render
+
+    try:
+        plan = make_plan(spec, gpu, mfu)
+    except ValueError as e:
+        raise fail(str(e), EXIT_BAD_INPUT) from None
+    typer.echo(json.dumps(spec.model_dump(mode="json"), indent=2))
+    typer.echo(render(plan))
+
+
 def run(
     preset: Annotated[
         str,
@@ -126,15 +138,9 @@ def run(
     if dispatch not in (None, "local", "deployments"):
         raise fail(f"--dispatch must be local or deployments, got {dispatch!r}", EXIT_BAD_INPUT)
     if dry_run:
-        from flows.costs import cost_plan, render
+        from flows.costs import cost_plan
 
-        try:
-            plan = cost_plan(spec, gpu, mfu)
-        except ValueError as e:
-            raise fail(str(e), EXIT_BAD_INPUT) from None
-        typer.echo(json.dumps(spec.model_dump(mode="json"), indent=2))
-        typer.echo(render(plan))
-        return
+        return print_plan(spec, cost_plan, gpu, mfu)
     _check_artifact_root(spec.resolved_artifact_root())
     server = prefect_server.start_if_needed()  # it boots while the flows are imported
     from flows.benchmark import benchmark, preload_imports

@@ -3,13 +3,10 @@
 
 from __future__ import annotations
 
-import json
 import os
 
-import typer
-
 from flows import prefect_server
-from flows.commands import _check_artifact_root, _validation_message, _where_to_look, fail
+from flows.commands import _check_artifact_root, _validation_message, _where_to_look, fail, print_plan
 from vit.engine.exit_codes import EXIT_BAD_INPUT, EXIT_FAILED
 
 
@@ -53,15 +50,7 @@ def cost_plan(spec, gpu: str, mfu: float):
 def run_scaling(preset: str, overrides: list[str] | None, dry_run: bool, gpu: str, mfu: float) -> None:
     spec = scaling_spec(preset, overrides, check_inputs=not dry_run)
     if dry_run:
-        from flows.costs import render
-
-        try:
-            plan = cost_plan(spec, gpu, mfu)
-        except ValueError as e:
-            raise fail(str(e), EXIT_BAD_INPUT) from None
-        typer.echo(json.dumps(spec.model_dump(mode="json"), indent=2))
-        typer.echo(render(plan))
-        return
+        return print_plan(spec, cost_plan, gpu, mfu)
     _check_artifact_root(spec.base.resolved_artifact_root())
     server = prefect_server.start_if_needed()
     from flows.benchmark import preload_imports

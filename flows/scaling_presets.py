@@ -99,7 +99,5 @@ def build_scaling_spec(preset: str, overrides: list[str] | dict[str, Any] | None
     ``base.pretrain.steps=100``), validated as a whole."""
     if preset not in SCALING_PRESETS:
         raise ValueError(f"unknown scaling preset {preset!r}; presets: {', '.join(SCALING_PRESETS)}")
-    data = SCALING_PRESETS[preset]().model_dump(mode="json")
-    if overrides:
-        apply_overrides(data, overrides)
-    return ScalingSpec.model_validate(data)
+    preset_data = SCALING_PRESETS[preset]().model_dump(mode="json")
+    return ScalingSpec.model_validate(apply_overrides(preset_data, overrides or {}))

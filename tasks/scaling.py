@@ -21,6 +21,7 @@ from pydantic import Field
 from tasks.aggregate import PARENT_FILES, result_records, upload_outputs
 from tasks.common import TrackingContext, run_logger, start_stage_run
 from tasks.stages import RunSummary, TransferResults, Typed
+from tasks.tracking import RunRef, Tracker
 from vit import storage
 
 TABLE_COLUMNS = ("model", "upstream_images", "pretrain_exaflops", "benchmark", "setting", "top1")
@@ -118,40 +119,31 @@ def figures(stage: ScalingAggregateStage, table: pd.DataFrame) -> dict[str, byte
     return out
 
 
-@task(name="aggregate-scaling", task_run_name="aggregate {stage.experiment}", cache_policy=NONE)
-def scaling_aggregate_task(stage: ScalingAggregateStage) -> RunSummary:
-    """Every arm's results in one table, Figures 4 and 5, the report: to the artifact store, MLflow and Prefect."""
+def _publish(stage: ScalingAggregateStage, tracker: Tracker, run: RunRef, run_id: str) -> RunSummary:
+    """The tables, the report and its figures to ``<root>/runs/<run id>/`` and MLflow; the metrics to both runs."""
     from tasks.report import write_report
     from tasks.results import to_markdown, write_results
 
-    ctx = stage.tracking
-    tracker, run = start_stage_run(ctx, "aggregate", "aggregate")
-    run_id = ctx.parent_run_id or uuid.uuid4().hex
     target = storage.join(stage.artifact_root, "runs", run_id)
-    try:
-        df = tidy_results(run_id, stage)
-        table = scaling_table(df, stage.arms)
-        metrics = table_metrics(table)
-        if ctx.parent_run_id:
-            tracker.log_metrics(tracker.existing_run(ctx.parent_run_id, "parent"), metrics)
-        wide = side_by_side(table)
-        note = "Top-1 (%), mean over seeds; `mean` is the mean over the benchmarks. Pre-training compute: " + ", ".join(
-            f"{a.model} on {a.images:,} images {a.exaflops:.3g} exaFLOPs" for a in stage.arms
-        )
-        with tempfile.TemporaryDirectory() as tmp:
-            out = Path(tmp)
-            write_results(df, out)
-            table.to_csv(out / "scaling.csv", index=False)
-            meta = {"MLflow run": run_id, "experiment": stage.experiment, "artifacts": target}
-            sections = {"Scaling study (paper Figures 4 and 5, Table 2)": (wide, note)}
-            write_report(out, df, figures(stage, table), f"vitflow — {stage.experiment}", meta, sections)
-            upload_outputs(out, target, tracker, run, ctx.parent_run_id, (*PARENT_FILES, "scaling.csv"))
-        tracker.log_metrics(run, metrics)
-        run_logger().info("scaling study %s: %d arms, %d table rows", stage.experiment, len(stage.arms), len(table))
-    except BaseException:
-        tracker.finish(run, "FAILED")
-        raise
-    tracker.finish(run)
+    parent_id = stage.tracking.parent_run_id
+    df = tidy_results(run_id, stage)
+    table = scaling_table(df, stage.arms)
+    metrics = table_metrics(table)
+    for target_run in [run] + ([tracker.existing_run(parent_id, "parent")] if parent_id else []):
+        tracker.log_metrics(target_run, metrics)
+    wide = side_by_side(table)
+    note = "Top-1 (%), mean over seeds; `mean` is the mean over the benchmarks. Pre-training compute: " + ", ".join(
+        f"{a.model} on {a.images:,} images {a.exaflops:.3g} exaFLOPs" for a in stage.arms
+    )
+    with tempfile.TemporaryDirectory() as tmp:
+        out = Path(tmp)
+        write_results(df, out)
+        table.to_csv(out / "scaling.csv", index=False)
+        meta = {"MLflow run": run_id, "experiment": stage.experiment, "artifacts": target}
+        sections = {"Scaling study (paper Figures 4 and 5, Table 2)": (wide, note)}
+        write_report(out, df, figures(stage, table), f"vitflow — {stage.experiment}", meta, sections)
+        upload_outputs(out, target, tracker, run, parent_id, (*PARENT_FILES, "scaling.csv"))
+    run_logger().info("scaling study %s: %d arms, %d table rows", stage.experiment, len(stage.arms), len(table))
     return RunSummary(
         results_uri=storage.join(target, "results.parquet"),
         report_uri=storage.join(target, "report.html"),
@@ -160,3 +152,16 @@ def scaling_aggregate_task(stage: ScalingAggregateStage) -> RunSummary:
         run_id=run_id,
         table_rows=table.round(4).to_dict("records"),
     )
+
+
+@task(name="aggregate-scaling", task_run_name="aggregate {stage.experiment}", cache_policy=NONE)
+def scaling_aggregate_task(stage: ScalingAggregateStage) -> RunSummary:
+    """Every arm's results in one table, Figures 4 and 5, the report: to the artifact store, MLflow and Prefect."""
+    tracker, run = start_stage_run(stage.tracking, "aggregate", "aggregate")
+    try:
+        summary = _publish(stage, tracker, run, stage.tracking.parent_run_id or uuid.uuid4().hex)
+    except BaseException:
+        tracker.finish(run, "FAILED")
+        raise
+    tracker.finish(run)
+    return summary
