@@ -25,7 +25,12 @@ from tasks.tracking import RunRef, Tracker
 from vit import storage
 
 TABLE_COLUMNS = ("model", "upstream_images", "pretrain_exaflops", "benchmark", "setting", "top1")
-FIGURES = {"upstream_images": "Figure 4", "pretrain_exaflops": "Figure 5"}
+# x axis -> (figure, what the x axis is, a line per): Fig. 4 a line per model over data sizes; Fig. 5 a line per data
+# size over the models' compute (every size of a model trains the same steps, so its compute is the model's).
+FIGURES = {
+    "upstream_images": ("Figure 4", "pre-training set size", "model"),
+    "pretrain_exaflops": ("Figure 5", "pre-training compute", "upstream_images"),
+}
 
 
 class ScalingArm(Typed):
@@ -112,10 +117,9 @@ def figures(stage: ScalingAggregateStage, table: pd.DataFrame) -> dict[str, byte
 
     setting = f"{stage.shots}shot" if stage.setting == "fewshot" else "finetune"
     out = {}
-    for x, figure in FIGURES.items():
-        what = "pre-training set size" if x == "upstream_images" else "pre-training compute"
+    for x, (figure, what, series) in FIGURES.items():
         title = f"{figure}: {setting} top-1 vs {what}"
-        out[f"{figure} - {setting} vs {what}"] = plot_scaling(table, x, setting, stage.panels, title=title)
+        out[f"{figure} - {setting} vs {what}"] = plot_scaling(table, x, setting, stage.panels, series, title=title)
     return out
 
 
