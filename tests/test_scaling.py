@@ -25,7 +25,7 @@ TINY = [
 TASKS = ("synth/natural_objects", "synth/structured_count")
 
 
-def tiny_spec(preset: str, root, extra=()):
+def tiny_spec(preset: str, root, extra=(), tasks=TASKS):
     from flows.scaling_presets import build_scaling_spec
 
     spec = build_scaling_spec(
@@ -40,7 +40,7 @@ def tiny_spec(preset: str, root, extra=()):
     benches = [
         b.model_copy(update={"dataset": b.dataset.model_copy(update={"options": {"size": 32, "test": 40}})})
         for b in spec.base.transfer.benchmarks
-        if b.name in TASKS
+        if b.name in tasks
     ]
     base = spec.base.model_copy(update={"transfer": spec.base.transfer.model_copy(update={"benchmarks": benches})})
     return spec.model_copy(update={"base": base})
@@ -90,8 +90,21 @@ def test_scaling_spec_refuses_what_the_study_cannot_run(tmp_path):
 def test_scaling_flow_tables_plots_and_retrains_only_an_added_size(harness, root):
     from flows.scaling import scaling
 
-    summary = scaling(spec=tiny_spec("scaling", root, ["upstream_sizes=[50,full]"]), preset="scaling")
+    first = scaling(spec=tiny_spec("scaling", root, ["upstream_sizes=[full]"]), preset="scaling")
     client = MlflowClient(f"sqlite:///{root / 'mlflow.db'}")
+    assert sorted(r.info.run_name for r in _children(client, first.run_id, "pretrain")) == [
+        "pretrain:bit_micro",
+        "pretrain:vit_micro_4",
+    ]
+
+    summary = scaling(spec=tiny_spec("scaling", root, ["upstream_sizes=[50,full]"]), preset="scaling")
+    trained = {r.info.run_name: r.data.tags["vitflow.cached"] for r in _children(client, summary.run_id, "pretrain")}
+    assert trained == {
+        "pretrain:vit_micro_4": "true",
+        "pretrain:bit_micro": "true",
+        "pretrain:vit_micro_4:n=50": "false",
+        "pretrain:bit_micro:n=50": "false",
+    }
     metrics = client.get_run(summary.run_id).data.metrics
     for model in ("vit_micro_4", "bit_micro"):
         for images in (50, 200):
@@ -112,30 +125,17 @@ def test_scaling_flow_tables_plots_and_retrains_only_an_added_size(harness, root
         assert plot.read_bytes().startswith(b"\x89PNG")
         assert f'alt="{figure}' in html
     assert "Scaling study" in html and "vit_micro_4 · 50 images" in html
-    pretrains = _children(client, summary.run_id, "pretrain")
-    assert sorted(r.info.run_name for r in pretrains) == sorted(
-        ["pretrain:vit_micro_4", "pretrain:vit_micro_4:n=50", "pretrain:bit_micro", "pretrain:bit_micro:n=50"]
-    )
-
-    again = scaling(spec=tiny_spec("scaling", root, ["upstream_sizes=[50,100,full]"]), preset="scaling")
-    trained = {r.info.run_name: r.data.tags["vitflow.cached"] for r in _children(client, again.run_id, "pretrain")}
-    assert {name for name, cached in trained.items() if cached == "false"} == {
-        "pretrain:vit_micro_4:n=100",
-        "pretrain:bit_micro:n=100",
-    }
-    assert len(trained) == 6
-    assert len(pd.read_csv(root / "artifacts" / "runs" / again.run_id / "scaling.csv")) == 2 * 3 * 3 * 2
 
 
 def test_bit_vs_vit_is_one_run_with_both_models_side_by_side(harness, root):
     from flows.scaling import scaling
 
-    summary = scaling(spec=tiny_spec("bit-vs-vit", root), preset="bit-vs-vit")
+    summary = scaling(spec=tiny_spec("bit-vs-vit", root, tasks=TASKS[:1]), preset="bit-vs-vit")
     folder = root / "artifacts" / "runs" / summary.run_id
     table = pd.read_csv(folder / "scaling.csv")
     assert set(table["model"]) == {"vit_micro_4", "bit_micro"} and set(table["upstream_images"]) == {200}
     finetuned = table[table["setting"] == "finetune"].pivot(index="benchmark", columns="model", values="top1")
-    assert finetuned.notna().all().all() and set(finetuned.index) == {*TASKS, "mean"}
+    assert finetuned.notna().all().all() and list(finetuned.index) == [TASKS[0]]
     markdown = (folder / "report.md").read_text()
     header = next(line for line in markdown.splitlines() if "ViT-micro/4" in line and "BiT-micro" in line)
     assert "(synthetic-upstream)" in header  # the paper-shaped fine-tuning table: a column per model
