@@ -174,3 +174,15 @@ def test_a_cancelled_study_ends_its_open_mlflow_runs_killed(tmp_path):
     client.set_terminated(done, "FINISHED")
     mark_arms_killed(None, SimpleNamespace(id="fr-1", parameters={"spec": spec.model_dump(mode="json")}), None)
     assert [client.get_run(r).info.status for r in (open_run, done)] == ["KILLED", "FINISHED"]
+
+
+def test_sizes_become_nested_subsets_of_the_prepared_split_or_are_refused():
+    from flows.scaling import subsets
+    from flows.scaling_presets import build_scaling_spec
+    from tasks.stages import DatasetRef
+
+    upstream = DatasetRef(name="up", uri="file:///up", fingerprint="f", num_classes=2, splits={"train": 1000})
+    spec = build_scaling_spec("scaling", ["upstream_sizes=[100,1000,full]"])
+    assert subsets(spec, upstream) == [100, None]  # the whole split's size is the whole split, trained once
+    with pytest.raises(ValueError, match="more than the 500 training images of up"):
+        subsets(spec, upstream.model_copy(update={"splits": {"train": 500}}))
