@@ -84,12 +84,25 @@ def _where_to_look(summary: RunSummary, tracking_uri: str) -> None:
         typer.echo(f"            mlflow ui --backend-store-uri {tracking_uri}   (then open http://127.0.0.1:5000)")
 
 
+def print_plan(spec, make_plan, gpu: str, mfu: float) -> None:
+    """``--dry-run``: the validated spec and the cost plan ``make_plan(spec, gpu, mfu)`` makes of it."""
+    from flows.costs import render
+
+    try:
+        plan = make_plan(spec, gpu, mfu)
+    except ValueError as e:
+        raise fail(str(e), EXIT_BAD_INPUT) from None
+    typer.echo(json.dumps(spec.model_dump(mode="json"), indent=2))
+    typer.echo(render(plan))
+
+
 def run(
     preset: Annotated[
         str,
         typer.Argument(
             help="A preset: demo, paper-b16-i1k, paper-b16-i21k, paper-l16-i21k, "
-            "finetune-official, vtab-1k, fewshot-nightly (`vitflow presets`)."
+            "finetune-official, vtab-1k, fewshot-nightly; the scaling study: scaling, scaling-i21k, bit-vs-vit "
+            "(`vitflow presets`)."
         ),
     ],
     overrides: SetOption = None,
@@ -107,22 +120,27 @@ def run(
     to MLflow (`$MLFLOW_TRACKING_URI`, else `$VITFLOW_HOME/mlflow.db`) under the experiment named in the spec, and
     the results table, report and plots are written under `<artifact root>/runs/<MLflow run id>/`.
 
+    The scaling study's presets run the scaling flow instead: every model of `models` pre-trained on every nested
+    subset of `upstream_sizes`, transferred, and plotted as the paper's Figures 4 and 5 (their fields: `base.*`,
+    `models`, `upstream_sizes`, `finetune`, `plot.*`).
+
     Examples: `vitflow run demo`, `vitflow run demo --set pretrain.steps=100 --set transfer.finetune.steps=20`,
-    `vitflow run paper-b16-i21k --set compute.nproc_per_node=8`.
+    `vitflow run paper-b16-i21k --set compute.nproc_per_node=8`, `vitflow run scaling --set
+    'upstream_sizes=[1000,3000,5000,full]'`, `vitflow run bit-vs-vit`.
     """
+    from flows.scaling_presets import SCALING_PRESETS
+
+    if preset in SCALING_PRESETS:
+        from flows.scaling_commands import run_scaling
+
+        return run_scaling(preset, overrides, dry_run, gpu, mfu)
     spec = _spec(preset, overrides, check_inputs=not dry_run)  # a plan is wanted before the data is there
     if dispatch not in (None, "local", "deployments"):
         raise fail(f"--dispatch must be local or deployments, got {dispatch!r}", EXIT_BAD_INPUT)
     if dry_run:
-        from flows.costs import cost_plan, render
+        from flows.costs import cost_plan
 
-        try:
-            plan = cost_plan(spec, gpu, mfu)
-        except ValueError as e:
-            raise fail(str(e), EXIT_BAD_INPUT) from None
-        typer.echo(json.dumps(spec.model_dump(mode="json"), indent=2))
-        typer.echo(render(plan))
-        return
+        return print_plan(spec, cost_plan, gpu, mfu)
     _check_artifact_root(spec.resolved_artifact_root())
     server = prefect_server.start_if_needed()  # it boots while the flows are imported
     from flows.benchmark import benchmark, preload_imports
@@ -144,8 +162,9 @@ def run(
 def presets() -> None:
     """List the presets with what each runs."""
     from flows.presets import PRESETS
+    from flows.scaling_presets import SCALING_PRESETS
 
-    for name, build in PRESETS.items():
+    for name, build in {**PRESETS, **SCALING_PRESETS}.items():
         doc = " ".join((build.__doc__ or "").split())
         typer.echo(f"{name:18} {doc}")
 
@@ -325,8 +344,9 @@ def report(
 ) -> None:
     """Rebuild the report of a past run from MLflow (its tags) and the artifact store (its results and plots).
 
-    Several runs make one report of their merged results, a column per model: `vitflow report RUN_VIT RUN_BIT`
-    after the two runs of the `bit-vs-vit` preset shows the ViT and the BiT side by side as the paper's Table 2.
+    Several runs make one report of their merged results, a column per model: `vitflow report RUN_VIT RUN_BIT` after
+    a ViT run and a BiT run shows the two side by side as the paper's Table 2 (the `bit-vs-vit` preset does both in
+    one run, and its own report shows them so).
     """
     from tasks.reports import rebuild_report
     from tasks.settings import default_tracking_uri
@@ -385,8 +405,9 @@ def deploy(
     """Serve vitflow's deployments to the Prefect API, for the UI and schedules.
 
     Serves against `PREFECT_API_URL`: benchmark (UI form: preset + overrides), transfer-eval-nightly (cron 02:00
-    UTC; `VITFLOW_NIGHTLY_MODEL`, `VITFLOW_NIGHTLY_CRON`), prepare-datasets, and the train-stage / fewshot-stage
-    jobs used by `dispatch=deployments`. Runs until interrupted. With `--work-pool`, registers them on that pool
+    UTC; `VITFLOW_NIGHTLY_MODEL`, `VITFLOW_NIGHTLY_CRON`), prepare-datasets, the scaling flow's scaling,
+    scaling-i21k and bit-vs-vit (UI form: the preset's spec), and the train-stage / fewshot-stage jobs used by
+    `dispatch=deployments`. Runs until interrupted. With `--work-pool`, registers them on that pool
     for workers instead (see infra/prefect.yaml)."""
     from flows.automations import ensure_nightly_notification
     from flows.deployments import runner_deployments, serve

@@ -12,6 +12,8 @@ from prefect import Flow
 
 from flows.benchmark import benchmark, prepare_datasets
 from flows.jobs import fewshot_stage, train_stage
+from flows.scaling import scaling
+from flows.scaling_presets import SCALING_PRESETS
 from flows.transfer_eval import transfer_eval
 
 NIGHTLY_CRON = "0 2 * * *"
@@ -61,7 +63,22 @@ def definitions(nightly_model: str | None = None, nightly_cron: str | None = Non
             "fewshot-stage", fewshot_stage, "flows/jobs.py:fewshot_stage",
             "One few-shot evaluation, dispatched by the benchmark flow with dispatch=deployments.",
         ),
+        *scaling_definitions(),
     ]  # fmt: skip
+
+
+def scaling_definitions() -> list[DeploymentDef]:
+    """A deployment of the scaling flow per scaling preset, the preset's whole spec the form's default."""
+    return [
+        DeploymentDef(
+            name,
+            scaling,
+            "flows/scaling.py:scaling",
+            f"Scaling flow, preset {name}: {build.__doc__.split(':')[0].strip()}.",
+            {"spec": build().model_dump(mode="json"), "preset": name},
+        )
+        for name, build in SCALING_PRESETS.items()
+    ]
 
 
 def runner_deployments(defs: list[DeploymentDef] | None = None, work_pool: str | None = None) -> list:

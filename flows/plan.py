@@ -112,7 +112,12 @@ def pretrain_config(spec: BenchmarkSpec, dataset_uri: str) -> tuple[TrainConfig,
             head_bias_init=p.head_bias_init,
         ),
         data=DataConfig(
-            dataset=dataset_uri, train_split="train", train_transform="pretrain", num_workers=spec.compute.num_workers
+            dataset=dataset_uri,
+            train_split="train",
+            train_subset=p.train_subset,
+            subset_seed=spec.seed,
+            train_transform="pretrain",
+            num_workers=spec.compute.num_workers,
         ),
         optim=OptimConfig(
             name="adam",
@@ -134,12 +139,14 @@ def pretrain_config(spec: BenchmarkSpec, dataset_uri: str) -> tuple[TrainConfig,
     key = {
         "model": spec.model.model_dump(mode="json"),
         "pretrain": p.model_dump(
-            mode="json", exclude={"registered_model", "alias", "checkpoint_every_minutes", "dataset"}
+            mode="json", exclude={"registered_model", "alias", "checkpoint_every_minutes", "dataset", "train_subset"}
         ),
         "dataset": dataset_uri,
         "seed": spec.seed,
         "precision": spec.compute.precision,
     }
+    if p.train_subset is not None:  # a key of its own, so the whole set's stages keep the folders they had
+        key["train_subset"] = p.train_subset
     return cfg, key
 
 
@@ -147,11 +154,12 @@ def pretrain_stage(spec: BenchmarkSpec, dataset: DatasetRef, tracking: TrackingC
     """Pre-training on the upstream dataset, registered as ``<experiment>-<model>@<alias>`` unless named."""
     assert spec.pretrain is not None
     config, key = pretrain_config(spec, dataset.uri)
-    name = f"pretrain:{spec.model.name}"
+    subset = spec.pretrain.train_subset
+    name = f"pretrain:{spec.model.name}" + (f":n={subset}" if subset else "")
     return TrainStage(
         kind="pretrain",
         name=name,
-        title=f"pretrain {spec.model.name} on {dataset.name}",
+        title=f"pretrain {spec.model.name} on {dataset.name}" + (f" ({subset:,} images)" if subset else ""),
         uri=stage_uri(spec.resolved_artifact_root(), "pretrain", name, key),
         config=config,
         launch=launch(spec),

@@ -3,7 +3,8 @@
 ``demo`` runs offline on a laptop CPU in minutes; the ``paper-*`` presets are Table 3 / Table 4 recipes on the real
 datasets (point ``VITFLOW_DATA`` at a folder holding them in the layouts ``vitflow data prepare`` reads, or override
 each ``dataset.source``); ``finetune-official`` starts from an official checkpoint; ``vtab-1k`` and
-``fewshot-nightly`` are transfer suites for a model reference; ``bit-vs-vit`` compares a ViT with a BiT ResNet.
+``fewshot-nightly`` are transfer suites for a model reference. The scaling study's presets (``scaling``,
+``scaling-i21k``, ``bit-vs-vit``) are in ``flows/scaling_presets.py``.
 """
 
 from __future__ import annotations
@@ -221,29 +222,6 @@ def fewshot_nightly() -> BenchmarkSpec:
     )
 
 
-BIT_VS_VIT_MODELS = ("vit_micro_4", "bit_micro")  # 21.8 and 21.4 MFLOPs per 32 px image: matched compute
-
-
-def bit_vs_vit() -> BenchmarkSpec:
-    """The paper's Table 2 comparison at CPU scale: a ViT and a BiT ResNet of matched compute (``BIT_VS_VIT_MODELS``)
-    pre-trained the same way on the same upstream data (the paper trains its ResNets with the ViTs' Adam recipe,
-    §4.1) and transferred to the same suite, each with its own fine-tuning protocol (Table 4 for the ViT, the
-    BiT-HyperRule for the BiT). One run per model, shared prepared data:
-    ``vitflow run bit-vs-vit`` and ``vitflow run bit-vs-vit --set model.name=bit_micro``, then
-    ``vitflow report RUN_VIT RUN_BIT`` puts the two side by side (a column per model, the paper's numbers beside
-    them when it reports the setup). For the paper's scale, name e.g. ``vit_b_16`` and ``bit_r50x3``."""
-    spec = demo()
-    transfer = spec.transfer.model_copy(
-        update={
-            "finetune": FinetuneSpec(image_size=32, batch_size=32, steps=50, warmup_steps=5, sweep=False),
-            "from_scratch_baseline": False,
-        }
-    )
-    return spec.model_copy(
-        update={"experiment": "bit-vs-vit", "model": ModelSpec(name=BIT_VS_VIT_MODELS[0]), "transfer": transfer}
-    )
-
-
 PRESETS: dict[str, Callable[[], BenchmarkSpec]] = {
     "demo": demo,
     "paper-b16-i1k": paper_b16_i1k,
@@ -252,7 +230,6 @@ PRESETS: dict[str, Callable[[], BenchmarkSpec]] = {
     "finetune-official": finetune_official,
     "vtab-1k": vtab_1k,
     "fewshot-nightly": fewshot_nightly,
-    "bit-vs-vit": bit_vs_vit,
 }
 
 

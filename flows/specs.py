@@ -97,6 +97,12 @@ class PretrainSpec(Spec):
     steps: int | None = Field(None, gt=0, description="training steps (give steps or epochs)")
     epochs: float | None = Field(None, gt=0, description="epochs over the training split (give steps or epochs)")
     batch_size: int = Field(4096, gt=0, description="global batch: devices x micro-batch x accumulation steps")
+    train_subset: int | None = Field(
+        None,
+        gt=0,
+        description="train on this many images of the training split, the first of one seeded permutation, so "
+        "smaller subsets lie inside larger ones (the paper's 9M/30M/90M of JFT); None: the whole split",
+    )
     lr: float = Field(1e-3, gt=0, description="peak learning rate (Adam)")
     weight_decay: float = Field(0.03, ge=0, description="weight decay (paper Table 3)")
     weight_decay_mode: Literal["lr_relative", "schedule_only"] = Field(

@@ -257,19 +257,26 @@ def _publish(
         "pre-training data": stage.pretrain_name,
         "artifacts": target,
     }
-    parent_id = stage.tracking.parent_run_id
-    parent_run = tracker.existing_run(parent_id, "parent") if parent_id else None
     with tempfile.TemporaryDirectory() as tmp:
         out = Path(tmp)
         write_results(df, out)
         write_report(out, df, plots, title=f"vitflow — {stage.experiment}", meta=meta)
         (out / "headline.json").write_text(json.dumps(headline, indent=2))
-        for path in sorted(p for p in out.rglob("*") if p.is_file()):
-            rel = path.relative_to(out).as_posix()
-            storage.upload(path, storage.join(target, rel))
-            tracker.log_artifact(run, path, str(Path(rel).parent) if "/" in rel else None)
-            if parent_run is not None and path.name in PARENT_FILES:
-                tracker.log_artifact(parent_run, path, None)
+        upload_outputs(out, target, tracker, run, stage.tracking.parent_run_id)
+
+
+def upload_outputs(
+    out: Path, target: str, tracker: Tracker, run: RunRef, parent_id: str | None, parent_files=PARENT_FILES
+) -> None:
+    """Every file under ``out`` to ``target`` and the aggregate run; the tables and report (``parent_files``)
+    also to the parent run."""
+    parent_run = tracker.existing_run(parent_id, "parent") if parent_id else None
+    for path in sorted(p for p in out.rglob("*") if p.is_file()):
+        rel = path.relative_to(out).as_posix()
+        storage.upload(path, storage.join(target, rel))
+        tracker.log_artifact(run, path, str(Path(rel).parent) if "/" in rel else None)
+        if parent_run is not None and path.name in parent_files:
+            tracker.log_artifact(parent_run, path, None)
 
 
 def _summary_table(df: pd.DataFrame) -> pd.DataFrame:

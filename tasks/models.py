@@ -12,6 +12,7 @@ from __future__ import annotations
 import re
 import shutil
 import tempfile
+import threading
 from pathlib import Path
 
 from mlflow import MlflowClient
@@ -47,6 +48,11 @@ def resolve_model_ref(ref: str, tracking_uri: str) -> tuple[str, dict[str, str]]
     }
 
 
+# torch.export (MLflow's pt2 format) traces under process-global dispatch modes: two exports from threads at once
+# fail ("ProxyTorchDispatchMode slot already occupied"), so stages finishing together take turns.
+_EXPORT_LOCK = threading.Lock()
+
+
 def save_mlflow_model(checkpoint_uri: str, path: Path) -> Path:
     """The checkpoint as an MLflow Model in ``path`` (written locally, no tracking server needed)."""
     import numpy as np
@@ -68,15 +74,16 @@ def save_mlflow_model(checkpoint_uri: str, path: Path) -> Path:
     )
     shutil.rmtree(path, ignore_errors=True)
     requirements = [f"torch=={torch.__version__.split('+')[0]}", f"numpy=={np.__version__}"]
-    save_model(
-        model,
-        path,
-        signature=signature,
-        input_example=example,
-        pip_requirements=requirements,
-        serialization_format="pt2",
-        metadata={CHECKPOINT_TAG: checkpoint_uri},
-    )
+    with _EXPORT_LOCK:
+        save_model(
+            model,
+            path,
+            signature=signature,
+            input_example=example,
+            pip_requirements=requirements,
+            serialization_format="pt2",
+            metadata={CHECKPOINT_TAG: checkpoint_uri},
+        )
     return path
 
 

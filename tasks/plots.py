@@ -297,3 +297,65 @@ def plot_fewshot(results: pd.DataFrame, path: PathLike | None = None, title: str
     if not by_panel:
         axes[0].set_ylabel("Accuracy (%), mean ± std over seeds")
     return _png(fig, path)
+
+
+SCALING_AXES = {
+    "upstream_images": "Pre-training images (log scale)",
+    "pretrain_exaflops": "Pre-training compute, exaFLOPs (log scale)",
+}
+
+
+def _log_axis(ax: Axes, values: pd.Series) -> None:
+    """A log x axis spanning at least a decade around ``values``, ticks at 1, 2 and 5 of each decade."""
+    from matplotlib.ticker import LogLocator, NullFormatter
+
+    low, high = float(values.min()), float(values.max())
+    centre, half = math.sqrt(low * high), max(1.5 * math.sqrt(high / low), math.sqrt(10))
+    ax.set_xscale("log")
+    ax.set_xlim(centre / half, centre * half)
+    ax.xaxis.set_major_locator(LogLocator(subs=(1.0, 2.0, 5.0)))
+    ax.xaxis.set_minor_formatter(NullFormatter())
+
+
+def plot_scaling(
+    table: pd.DataFrame,
+    x: str,
+    setting: str,
+    panels: str = "both",
+    series: str = "model",
+    path: PathLike | None = None,
+    title: str = "",
+) -> bytes:
+    """Accuracy against pre-training set size or compute (log x): the paper's Fig. 4 and 5.
+
+    ``table`` is the scaling study's table (columns model, upstream_images, pretrain_exaflops, benchmark, setting,
+    top1 in percent; benchmark ``mean`` is the mean over benchmarks). ``x``: upstream_images or
+    pretrain_exaflops; ``series``: a line per ``model`` (Fig. 4), or per ``upstream_images`` joining the models
+    trained on the same data in order of their compute (Fig. 5); ``panels``: average (the ``mean`` panel), each
+    (a panel per benchmark) or both.
+    """
+    if x not in SCALING_AXES:
+        raise ValueError(f"x must be one of {', '.join(SCALING_AXES)}, got {x!r}")
+    rows = table[table["setting"] == setting]
+    if rows.empty:
+        raise ValueError(f"no results of the setting {setting!r} to plot")
+    rows = rows.assign(line=rows[series].map(lambda v: f"{v:,} images" if series == "upstream_images" else str(v)))
+    each = sorted(b for b in set(rows["benchmark"]) if b != "mean")
+    average = ["mean"] if "mean" in set(rows["benchmark"]) else []
+    shown = {"average": average or each, "each": each, "both": average + each}[panels]
+    style = _line_styles(rows["line"])
+    fig, axes = _small_multiples(len(shown), ncols=4, width=3.6, height=2.9, title=title or f"{setting} top-1")
+    for ax, bench in zip(axes, shown, strict=True):
+        for line, part in rows[rows["benchmark"] == bench].groupby("line", sort=False):
+            part = part.sort_values(x)
+            ax.plot(part[x], part["top1"], marker="o", label=line, **style[line])
+            if series != "model":
+                for px, py, model in zip(part[x], part["top1"], part["model"], strict=True):
+                    ax.annotate(model, (px, py), textcoords="offset points", xytext=(4, 4), fontsize="x-small")
+        _log_axis(ax, rows[x])
+        ax.set_title("mean over benchmarks" if bench == "mean" else bench, fontsize="medium")
+        ax.set_xlabel(SCALING_AXES[x])
+        ax.set_ylabel(f"{setting} top-1 (%)")
+        ax.grid(alpha=0.3, which="both")
+        ax.legend(fontsize="small")
+    return _png(fig, path)

@@ -73,7 +73,11 @@ def _summary(results: pd.DataFrame) -> list[str]:
 
 
 def _blocks(
-    results: pd.DataFrame, plots: Mapping[str, PlotSource], title: str, meta: Mapping[str, object]
+    results: pd.DataFrame,
+    plots: Mapping[str, PlotSource],
+    title: str,
+    meta: Mapping[str, object],
+    sections: Mapping[str, tuple[pd.DataFrame, str]],
 ) -> list[_Block]:
     results = R.results_frame(results)
     blocks = [_Block("h1", title)]
@@ -81,6 +85,8 @@ def _blocks(
         fields = pd.DataFrame({"value": [str(v) for v in meta.values()]}, index=pd.Index(list(meta), name="field"))
         blocks.append(_Block("table", table=fields))
     blocks += [_Block("h2", "Summary"), *(_Block("p", line) for line in _summary(results))]
+    for heading, (table, note) in sections.items():
+        blocks += [_Block("h2", heading), _Block("table", table=table)] + ([_Block("p", note)] if note else [])
     sections = [
         ("Fine-tuning (paper Tables 2 and 5)", R.paper_table(results), "No fine-tuning results.", _PAPER_NOTE),
         ("VTAB-1k (paper Table 9)", R.vtab_table(results), "No VTAB-1k results.", ""),
@@ -172,14 +178,16 @@ def build_report(
     plots: Mapping[str, PlotSource] | None = None,
     title: str = "vitflow report",
     meta: Mapping[str, object] | None = None,
+    sections: Mapping[str, tuple[pd.DataFrame, str]] | None = None,
 ) -> tuple[str, str]:
     """``(markdown, html)`` of a results table (the tidy table of ``tasks.results``).
 
     Sections: ``meta`` (run ids, spec hash, commit, ...) under the title, a summary, the paper-shaped tables with the
     paper's numbers and deltas, VTAB-1k, few-shot, and the plots (PNG bytes or files, by caption). The HTML embeds
     everything; the markdown links plots as ``plots/<name>.png`` (``write_report`` writes them there).
+    ``sections``: heading -> (table, note) of a flow's own tables, placed after the summary.
     """
-    blocks = _blocks(results, plots or {}, title, meta or {})
+    blocks = _blocks(results, plots or {}, title, meta or {}, sections or {})
     return _markdown(blocks), _html(blocks, title)
 
 
@@ -189,11 +197,12 @@ def write_report(
     plots: Mapping[str, PlotSource] | None = None,
     title: str = "vitflow report",
     meta: Mapping[str, object] | None = None,
+    sections: Mapping[str, tuple[pd.DataFrame, str]] | None = None,
 ) -> dict[str, Path]:
     """Write ``report.md``, ``report.html`` and ``plots/<name>.png`` into ``directory``; returns the paths."""
     directory = Path(directory)
     (directory / "plots").mkdir(parents=True, exist_ok=True)
-    markdown, page = build_report(results, plots, title, meta)
+    markdown, page = build_report(results, plots, title, meta, sections)
     paths = {"markdown": directory / "report.md", "html": directory / "report.html"}
     paths["markdown"].write_text(markdown, encoding="utf-8")
     paths["html"].write_text(page, encoding="utf-8")

@@ -242,11 +242,18 @@ def test_bit_fine_tunes_with_the_hyperrule_and_mixup_and_few_shots_on_pooled_fea
 
 def test_bit_vs_vit_preset_trains_matched_models_on_the_same_data_each_with_its_protocol():
     from flows import plan
-    from flows.presets import BIT_VS_VIT_MODELS, build_spec
+    from flows.scaling_presets import BIT_VS_VIT_MODELS, build_scaling_spec
 
-    specs = [build_spec("bit-vs-vit", [f"model.name={name}"]) for name in BIT_VS_VIT_MODELS]
-    assert specs[0] == build_spec("bit-vs-vit")  # the ViT arm is the default
-    assert specs[0].pretrain == specs[1].pretrain and specs[0].transfer == specs[1].transfer
+    study = build_scaling_spec("bit-vs-vit")
+    assert tuple(study.models) == BIT_VS_VIT_MODELS and study.upstream_sizes == ["full"] and study.finetune
+    specs = [study.arm_spec(name, None, study.base.pretrain.steps) for name in BIT_VS_VIT_MODELS]
+    assert [s.model.name for s in specs] == list(BIT_VS_VIT_MODELS)
+    assert specs[0].pretrain.model_copy(update={"registered_model": None}) == specs[1].pretrain.model_copy(
+        update={"registered_model": None}
+    )
+    assert specs[0].transfer == specs[1].transfer and all(
+        b.finetune and b.fewshot for b in specs[0].transfer.benchmarks
+    )
     flops = [
         flops_per_image(vit.model_config(n, image_size=32, num_classes=100), training=False) for n in BIT_VS_VIT_MODELS
     ]

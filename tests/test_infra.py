@@ -62,6 +62,7 @@ def test_prefect_yaml_declares_exactly_the_deployments_in_code(monkeypatch):
 
     monkeypatch.delenv("VITFLOW_NIGHTLY_MODEL", raising=False)  # the defaults are what prefect.yaml declares
     monkeypatch.delenv("VITFLOW_NIGHTLY_CRON", raising=False)
+    monkeypatch.delenv("VITFLOW_DATA", raising=False)  # the scaling presets' dataset paths, as prefect.yaml has them
     project = yaml.safe_load((INFRA / "prefect.yaml").read_text())
     declared = {d["name"]: d for d in project["deployments"]}
     defs = {d.name: d for d in definitions()}

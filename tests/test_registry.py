@@ -126,3 +126,30 @@ def _ping(port: int) -> bool:
             return response.status == 200
     except OSError:
         return False
+
+
+def test_checkpoints_saved_as_mlflow_models_from_threads_at_once_all_export(tmp_path):
+    """Stages finishing together (the scaling flow's pre-trainings, parallel final fine-tunes) save their MLflow
+    Models from threads of one process at once; torch.export's tracing state is process-global."""
+    import threading
+
+    from tasks.models import save_mlflow_model
+
+    paths = [checkpoint(tmp_path / f"c{i}.safetensors", seed=i) for i in range(4)]
+    start, errors = threading.Barrier(len(paths)), []
+
+    def save(i: int) -> None:
+        start.wait()
+        try:
+            save_mlflow_model(paths[i], tmp_path / f"model{i}")
+        except Exception as e:  # noqa: BLE001 - collected and asserted below
+            errors.append(e)
+
+    threads = [threading.Thread(target=save, args=(i,)) for i in range(len(paths))]
+    for t in threads:
+        t.start()
+    for t in threads:
+        t.join()
+    assert errors == []
+    for i in range(len(paths)):
+        assert mlflow.pytorch.load_model(str(tmp_path / f"model{i}")) is not None

@@ -65,10 +65,13 @@ class PreparedDataset:
             self._manifests[split] = frame[frame["split"] == split].reset_index(drop=True)
         return self._manifests[split]
 
-    def split_index(self, split: str) -> SplitIndex:
+    def split_index(self, split: str, subset: int | None = None, subset_seed: int = 0) -> SplitIndex:
+        """The split's rows, or with ``subset`` the rows of :func:`nested_subset` (in their manifest order)."""
         from vit.data.loader import SplitIndex
 
         frame = self.manifest(split)
+        if subset is not None:
+            frame = frame.iloc[nested_subset(len(frame), subset, subset_seed)]
         codes, shards = pd.factorize(frame["shard"], sort=False)
         if len(codes) and np.any(np.diff(codes) < 0):
             raise DataError(f"{self.uri}: manifest rows of split {split!r} are not grouped by shard; prepare it again")
@@ -102,12 +105,15 @@ class PreparedDataset:
         pin_memory: bool = False,
         multiprocessing_context: str | None = None,
         decode_device: str | None = None,
+        subset: int | None = None,
+        subset_seed: int = 0,
     ) -> ShardLoader:
         """A streaming loader of ``Batch``es; see `vit.data.loader`. ``rank``/``world_size`` default to
         torch.distributed's when it is initialised, else 0/1. ``shuffle_buffer``: samples (default
         ``SHUFFLE_BUFFER``). ``multiprocessing_context="spawn"`` is safe where forking is not (threads or CUDA in
         the parent). ``decode_device`` (e.g. ``"cuda"``): the workers only read, and each batch is decoded and
-        augmented on that device in this process."""
+        augmented on that device in this process. ``subset``: only the rows of :func:`nested_subset` (a random
+        subset of ``subset`` samples, the same for every loader with the same ``subset_seed``)."""
         import torch
 
         from vit.data.loader import ShardLoader, StreamConfig
@@ -123,7 +129,7 @@ class PreparedDataset:
         if not 0 <= rank < world_size:
             raise ValueError(f"rank {rank} is not in [0, world_size={world_size})")
         config = StreamConfig(
-            index=self.split_index(split),
+            index=self.split_index(split, subset, subset_seed),
             transform=transform,
             batch_size=batch_size,
             seed=seed,
@@ -169,6 +175,14 @@ class PreparedDataset:
             list(pool.map(load, np.unique(shard_of[rows]).tolist()))
         sizes = np.stack([index.widths[rows], index.heights[rows]], axis=1)
         return MapDataset([blobs[r] for r in rows.tolist()], index.labels[rows], sizes, transform)
+
+
+def nested_subset(rows: int, size: int, seed: int = 0) -> np.ndarray:
+    """The first ``size`` of one seeded permutation of ``rows`` rows, sorted: subsets of one seed are nested
+    (a smaller one lies inside every larger one), as the paper's random 9M/30M/90M subsets of JFT-300M."""
+    if not 0 < size <= rows:
+        raise DataError(f"a subset of {size:,} samples needs 1 to {rows:,} (the split's size)")
+    return np.sort(np.random.default_rng([seed, rows]).permutation(rows)[:size])
 
 
 def open_dataset(uri: str) -> PreparedDataset:

@@ -66,6 +66,8 @@ class DataConfig:
 
     dataset: str = ""  # a prepared dataset URI (vit.data.prepare_dataset)
     train_split: str = "train"
+    train_subset: int | None = None  # train on this many samples of train_split (vit.data.dataset.nested_subset)
+    subset_seed: int = 0  # the permutation train_subset cuts: one seed, nested subsets
     eval_split: str | None = None
     train_transform: Literal["pretrain", "finetune", "eval", "vtab"] = "pretrain"
     eval_transform: Literal["pretrain", "finetune", "eval", "vtab"] = "eval"

@@ -126,7 +126,7 @@ def train(cfg: TrainConfig, callbacks: Sequence[Callback] = (), dist: DistInfo |
         module,
         cfg,
         _train_loader(cfg, ds, micro, dist),
-        total_steps(cfg, ds.count(cfg.data.train_split)),
+        total_steps(cfg, min(ds.count(cfg.data.train_split), cfg.data.train_subset or math.inf)),
         dist,
         loss_fn,
         _evaluator(cfg, ds, micro, num_classes, dist),
@@ -164,6 +164,8 @@ def _train_loader(cfg: TrainConfig, ds: PreparedDataset, micro: int, dist: DistI
         shuffle_buffer=cfg.data.shuffle_buffer,
         pin_memory=_pinned(dist),
         decode_device=decode_device(cfg, dist.device),
+        subset=cfg.data.train_subset,
+        subset_seed=cfg.data.subset_seed,
     )
 
 
