@@ -130,3 +130,60 @@ def serve(
     if on_start is not None:
         on_start([f"{d.flow_name}/{d.name}" for d in deployments])
     prefect_serve(*deployments, limit=limit)
+
+
+PREFECT_YAML_HEADER = """\
+# vitflow's deployments for work pools (Prefect 3 project file), written by `python -m flows.deployments` from
+# flows/deployments.py's definitions(), which `vitflow deploy` serves without a work pool; tests/test_infra.py fails
+# when the two drift apart (regenerate after changing a preset). Deploy from the repository root:
+#
+#   VITFLOW_WORK_POOL=vitflow-process prefect --no-prompt deploy --all --prefect-file infra/prefect.yaml
+#   VITFLOW_WORK_POOL=vitflow-gpu     prefect --no-prompt deploy --all --prefect-file infra/prefect.yaml
+#
+# Work pools (docs/DEPLOY.md creates them):
+#   vitflow-process  type process: `prefect worker start --pool vitflow-process` on a machine with the code
+#                    (the docker-compose GPU worker, or local workers in a checkout)
+#   vitflow-gpu      type kubernetes: infra/k8s/base-job-template.json runs each flow run as a GPU pod of the
+#                    image built from infra/Dockerfile
+#
+# `{{ $VAR }}` in a deployment is read from the environment of `prefect deploy`; in a pull step, from the
+# environment of the flow run (the worker's machine or pod), so the same deployment finds the code in a checkout
+# and in the image (VITFLOW_CODE_DIR=/opt/vitflow there). A preset's deployments (benchmark/<preset>,
+# prepare-datasets/<preset>) carry its whole spec as the default of the form; paths are relative to the worker's
+# working directory unless VITFLOW_DATA was set when this file was written.
+"""
+
+
+def prefect_yaml(defs: list[DeploymentDef] | None = None) -> str:
+    """infra/prefect.yaml: the deployments of :func:`definitions` on the work pool ``$VITFLOW_WORK_POOL``."""
+    import prefect
+    import yaml
+
+    pool = {"name": "{{ $VITFLOW_WORK_POOL }}", "work_queue_name": "default", "job_variables": {}}
+    project = {
+        "name": "vitflow",
+        "prefect-version": prefect.__version__,
+        "build": None,
+        "push": None,
+        "pull": [{"prefect.deployments.steps.set_working_directory": {"directory": "{{ $VITFLOW_CODE_DIR }}"}}],
+        "deployments": [
+            {
+                "name": d.name,
+                "entrypoint": d.entrypoint,
+                "description": d.description,
+                "parameters": d.parameters,
+                "tags": list(d.tags),
+                "schedules": [{"cron": d.cron, "timezone": NIGHTLY_TIMEZONE}] if d.cron else [],
+                "work_pool": pool,
+            }
+            for d in defs or definitions()
+        ],
+    }
+    dumper = type("NoAliases", (yaml.SafeDumper,), {"ignore_aliases": lambda self, data: True})
+    return (
+        PREFECT_YAML_HEADER + "\n" + yaml.dump(project, Dumper=dumper, sort_keys=False, width=120, allow_unicode=True)
+    )
+
+
+if __name__ == "__main__":
+    print(prefect_yaml(), end="")

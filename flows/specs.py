@@ -152,7 +152,9 @@ class PretrainSpec(Spec):
     pre_logits: bool = Field(True, description="the tanh pre-logits layer of width D (paper §3.1)")
     dropout: float | None = Field(0.1, ge=0, lt=1, description="dropout rate (None: the variant's default)")
     checkpoint_every_minutes: float = Field(30.0, gt=0, description="save a resumable checkpoint this often")
-    registered_model: str | None = Field(None, description="MLflow registered model (default: EXPERIMENT-MODEL, e.g. demo-vit_micro_4)")
+    registered_model: str | None = Field(
+        None, description="MLflow registered model (default: EXPERIMENT-MODEL, e.g. demo-vit_micro_4)"
+    )
     alias: str = Field("candidate", description="MLflow registry alias pointed at the new model version")
 
     @model_validator(mode="after")

@@ -62,7 +62,7 @@ def walk(schema: dict[str, Any], node: dict[str, Any], path: str = "") -> Iterat
     for name, prop in node.get("properties", {}).items():
         where = f"{path}{name}"
         yield where, prop
-        items = prop.get("items", {})
+        items = next((o["items"] for o in [prop, *prop.get("anyOf", [])] if "items" in o), {})
         ref = prop.get("$ref") or items.get("$ref")
         if ref:
             yield from walk(schema, schema["definitions"][ref.rsplit("/", 1)[1]], f"{where}.")
@@ -82,8 +82,9 @@ def test_every_field_of_the_form_has_a_title_and_a_one_line_description(flow):
         assert description, f"{path} has no description"
         assert "\n" not in description, f"{path}: description on more than one line"
         assert "<" not in description, f"{path}: the form renders descriptions as markdown: <...> disappears"
-    spec_fields = [p for path, p in fields.items() if path.startswith("spec.")]
-    assert not any("anyOf" in p for p in spec_fields)  # nullable fields admit null in their own schema
+    # ranges beside an X/None toggle, not inside it (where errors do not name the field); no nullable sections
+    options = [o for path, p in fields.items() if path.startswith("spec.") for o in p.get("anyOf", [])]
+    assert options and not any(set(o) & {"$ref", "minimum", "exclusiveMinimum", "maximum"} for o in options)
 
 
 def test_choices_are_dropdowns_and_numbers_carry_their_ranges():
