@@ -85,22 +85,11 @@ def _flow_run_filter(flow_run_id: str) -> str:
 
 
 def _continued_parent(tracker: Tracker, experiment_id: str, flow_run_id: str) -> RunRef | None:
-    """The parent MLflow run an earlier attempt of this flow run started (a Retry runs the same flow run again),
-    set running again: one flow run, one parent run and one set of curves."""
+    """The parent MLflow run an earlier attempt of this flow run started: one flow run, one parent run."""
     if not flow_run_id:
         return None
-    try:
-        found = tracker.client.search_runs(
-            [experiment_id], f"{_flow_run_filter(flow_run_id)} and tags.`vitflow.stage` = 'flow'", max_results=1
-        )
-        if not found:
-            return None
-        tracker.client.update_run(found[0].info.run_id, status="RUNNING")
-    except Exception as e:  # noqa: BLE001 - MLflow unreachable: a new parent run, queued like any other call
-        run_logger().warning("could not look up this flow run's MLflow run (%s); starting a new one", e)
-        return None
-    run_logger().info("continuing MLflow run %s of an earlier attempt", found[0].info.run_id)
-    return tracker.existing_run(found[0].info.run_id, "parent")
+    query = f"{_flow_run_filter(flow_run_id)} and tags.`vitflow.stage` = 'flow'"
+    return tracker.continue_run(experiment_id, query, "parent")
 
 
 def mark_runs_killed(flow: Any, flow_run: Any, state: Any) -> None:

@@ -108,12 +108,15 @@ def http_ok(url: str) -> bool:
         return False
 
 
-def wait_for_flow_run(api: str, flow_run_filter: dict[str, Any], timeout: float = 300) -> dict[str, Any]:
-    """The first flow run matching ``flow_run_filter`` once it reaches a terminal state."""
+def wait_for_flow_run(
+    api: str, flow_run_filter: dict[str, Any], timeout: float = 300, terminal: bool = True
+) -> dict[str, Any]:
+    """The first flow run matching ``flow_run_filter`` once it reaches a terminal state (``terminal=False``: once
+    it exists)."""
     start = time.monotonic()
     while True:
         runs = api_post(f"{api}/flow_runs/filter", {"flow_runs": flow_run_filter})
-        if runs and runs[0]["state_type"] in TERMINAL:
+        if runs and (runs[0]["state_type"] in TERMINAL or not terminal):
             return runs[0]
         elapsed = time.monotonic() - start
         assert runs or elapsed < 30, f"no flow run matches {flow_run_filter}"

@@ -53,10 +53,9 @@ def pool(tmp_path_factory, moto_endpoint) -> Iterator[Pool]:
     import torch
 
     import vit
+    from flows.deployments import definitions
     from vit import storage
     from vit.checkpoints import save_checkpoint
-
-    from flows.deployments import definitions
 
     home = tmp_path_factory.mktemp("workers")
     s3 = s3_env(moto_endpoint)
