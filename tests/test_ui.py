@@ -145,6 +145,9 @@ def ui_run(served_stack, browser) -> dict[str, Any]:
     page.get_by_role("link", name="demo", exact=True).first.wait_for()
     listed = page.inner_text("body")
     shots = {"deployments": shot(page, "prefect-deployments")}
+    page.get_by_placeholder("Search deployments").fill("nightly")  # the list has pages: find the nightly one
+    page.get_by_text("At 02:00 AM every day").first.wait_for()
+    listed += page.inner_text("body")
 
     deployment = demo_deployment(stack.api)
     open_custom_run(page, stack, deployment)
@@ -153,12 +156,15 @@ def ui_run(served_stack, browser) -> dict[str, Any]:
     expect(name).not_to_have_value("")  # the form generates a name once loaded: replace it after that
     name.fill(run_name)
     shown = {"pretrain.steps": form_field(page, PRETRAIN_STEPS).input_value()}
+    shots["form"] = shot(page, "prefect-benchmark-form")  # the top of the form: experiment, model, pre-training
     for path, (description, value) in TYPED.items():
         shown[path] = form_field(page, description).input_value()
         form_field(page, description).fill(str(value))
-    shots["form"] = shot(page, "prefect-benchmark-form")
+    form_field(page, TYPED["pretrain.lr"][0]).scroll_into_view_if_needed()
+    shots["form-typed"] = shot(page, "prefect-benchmark-form-typed")
     page.get_by_role("button", name="Submit").click()
-    expect(page).to_have_url(re.compile(r"/deployments/deployment/[^/]+\?tab=Runs"))  # back on the deployment
+    back = re.compile(r"/deployments/deployment/[^/]+\?tab=Runs")  # submitted: back on the deployment
+    expect(page).to_have_url(back, timeout=30_000)
 
     submitted = wait_for_flow_run(stack.api, {"name": {"any_": [run_name]}}, terminal=False)
     flow_run, progress = watch_progress(stack.api, submitted["id"])
@@ -240,7 +246,7 @@ def test_custom_benchmark_run_from_the_prefect_ui_lands_in_mlflow(served_stack, 
     sent, before = leaves(flow_run["parameters"]["spec"]), leaves(default)
     changed = {k: sent.get(k) for k in sent.keys() | before.keys() if sent.get(k) != before.get(k)}
     assert changed == {path: value for path, (_, value) in TYPED.items()}
-    assert set(flow_run["parameters"]) == {"spec"}
+    assert set(flow_run["parameters"]) <= {"spec", "dispatch"} and flow_run["parameters"].get("dispatch") is None
     assert "preset:demo" in flow_run["tags"]
     # the pre-training's progress artifact moved while it trained, and ended at 100
     assert any(0 < p < 100 for p in ui_run["progress"]) and ui_run["progress"][-1] == 100, ui_run["progress"]
