@@ -22,6 +22,7 @@ from typing import Any
 import pytest
 from mlflow import MlflowClient
 
+from flows.deployments import definitions
 from tests.servers import (
     REPO,
     SERVED_BUCKET,
@@ -251,8 +252,9 @@ def test_custom_benchmark_run_from_the_prefect_ui_lands_in_mlflow(served_stack, 
     # the pre-training's progress artifact moved while it trained, and ended at 100
     assert any(0 < p < 100 for p in ui_run["progress"]) and ui_run["progress"][-1] == 100, ui_run["progress"]
     # the deployments page lists a deployment per preset and the others, with the nightly evaluation's schedule
-    names = ("benchmark", "prepare-datasets", "demo", "paper-b16-i1k", "vtab-1k", "transfer-eval-nightly")
+    names = ("benchmark", "prepare-datasets", "demo", "paper-b16-i1k", "transfer-eval-nightly")
     assert all(n in ui_run["deployments_page"] for n in names)
+    assert f"{len(definitions())} Deployments" in ui_run["deployments_page"]
     assert "At 02:00 AM every day" in ui_run["deployments_page"]
     assert ui_run["run_name"] in ui_run["completed_page"] and "Completed" in ui_run["completed_page"]
 
@@ -383,8 +385,9 @@ def test_the_api_refuses_a_spec_out_of_range_before_a_run_starts(served_stack, u
     url = f"{served_stack.api}/deployments/{deployment['id']}/create_flow_run"
     with pytest.raises(urllib.error.HTTPError) as refused:
         api_post(url, {"parameters": {"spec": spec}})
-    assert refused.value.code == 422  # enforce_parameter_schema: Prefect checks the form's schema
-    assert f"spec.pretrain.{path}" in refused.value.read().decode()
+    # enforce_parameter_schema: Prefect checks the form's schema and answers 409 (its code for parameters refused)
+    assert refused.value.code == 409
+    assert f"Validation failed for field 'spec.pretrain.{path}'" in refused.value.read().decode()
     assert _flow_run_count(served_stack.api, deployment) == runs_before
 
 
