@@ -9,6 +9,7 @@ from dataclasses import dataclass, field
 from typing import Any
 
 from prefect import Flow
+from prefect.utilities.callables import ParameterSchema
 
 from flows.benchmark import benchmark, prepare_datasets
 from flows.jobs import fewshot_stage, train_stage
@@ -92,6 +93,26 @@ def definitions(
     ]  # fmt: skip
 
 
+def preset_form(d: DeploymentDef, schema: ParameterSchema) -> ParameterSchema:
+    """The form of a preset's deployment: a pre-training section of its own when the preset pre-trains, none when
+    it starts from ``init``, instead of the flow's "pre-training or None" (an ``anyOf``, whose errors Prefect
+    reports as one line about the whole section, where a section of its own names the field:
+    ``spec.pretrain.steps: 0 is less than or equal to the minimum of 0``). Other deployments keep the flow's."""
+    spec = d.parameters.get("spec")
+    if spec is None:
+        return schema
+    form = schema.model_copy(deep=True)
+    fields = form.definitions["BenchmarkSpec"]["properties"]
+    if "pretrain" in spec:
+        pretrain = fields["pretrain"]
+        (section,) = [o for o in pretrain.pop("anyOf") if "$ref" in o]
+        pretrain.pop("default", None)
+        pretrain.update(section)
+    else:
+        del fields["pretrain"]
+    return form
+
+
 def runner_deployments(defs: list[DeploymentDef] | None = None, work_pool: str | None = None) -> list:
     """``RunnerDeployment``s for ``prefect.serve`` (no work pool) or ``deploy`` onto ``work_pool``. On a work pool
     the entrypoints are module paths (``flows.benchmark.benchmark``): a worker imports them from the installed
@@ -103,17 +124,18 @@ def runner_deployments(defs: list[DeploymentDef] | None = None, work_pool: str |
     out = []
     for d in defs or definitions():
         schedules = [Cron(d.cron, timezone=NIGHTLY_TIMEZONE)] if d.cron else None
-        out.append(
-            d.flow.to_deployment(
-                name=d.name,
-                description=d.description,
-                parameters=d.parameters or None,
-                schedules=schedules,
-                tags=list(d.tags),
-                work_pool_name=work_pool,
-                entrypoint_type=entrypoint_type,
-            )
+        deployment = d.flow.to_deployment(
+            name=d.name,
+            description=d.description,
+            parameters=d.parameters or None,
+            schedules=schedules,
+            tags=list(d.tags),
+            work_pool_name=work_pool,
+            entrypoint_type=entrypoint_type,
         )
+        # Prefect derives a deployment's schema from its flow and offers no argument for another: set it here.
+        deployment._parameter_openapi_schema = preset_form(d, deployment._parameter_openapi_schema)
+        out.append(deployment)
     return out
 
 

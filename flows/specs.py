@@ -33,19 +33,14 @@ RANGE_KEYWORDS = ("minimum", "maximum", "exclusiveMinimum", "exclusiveMaximum", 
 def _form_schema(schema: dict[str, Any]) -> None:
     """What Prefect's form needs of a model's JSON schema. An ``X | None`` field stays ``anyOf: [X, null]`` (the form
     renders that as an X/None toggle) with its range beside the ``anyOf``, not inside it: jsonschema then names the
-    field out of range (``pretrain.steps: 0 is less than or equal to the minimum of 0``) where an ``anyOf`` only
-    says that the value "is not valid under any of the given schemas". A nullable model (``pretrain``) is that
-    model, to be left out rather than null: inside an ``anyOf`` every error of its fields is reported as one
-    unreadable line about the whole section."""
+    field out of range (``transfer.finetune.steps: 0 is less than or equal to the minimum of 0``) where an ``anyOf``
+    only says that the value "is not valid under any of the given schemas". (``pretrain``, a nullable section, is
+    made the preset's in each deployment's form: ``flows.deployments.preset_form``.)"""
     for prop in schema.get("properties", {}).values():
         options = prop.get("anyOf", [])
         if len(options) != 2 or {"type": "null"} not in options:
             continue
         (kept,) = [o for o in options if o != {"type": "null"}]
-        if "$ref" in kept:
-            del prop["anyOf"], prop["default"]
-            prop["$ref"] = kept["$ref"]
-            continue
         for key in RANGE_KEYWORDS:
             if key in kept:
                 prop[key] = kept.pop(key)
@@ -122,8 +117,6 @@ class ModelSpec(Spec):
 
 class PretrainSpec(Spec):
     """Upstream pre-training (paper Table 3). Exactly one of ``steps`` and ``epochs``."""
-
-    model_config = ConfigDict(title="Pre-training")
 
     dataset: DatasetSpec = Field(title="Dataset", description="the upstream dataset")
     objective: Literal["classification", "mpp"] = Field(

@@ -15,7 +15,7 @@ from typer.testing import CliRunner
 from flows.benchmark import benchmark, prepare_datasets
 from flows.cli import app
 from flows.commands import _preset_specs
-from flows.deployments import definitions
+from flows.deployments import definitions, runner_deployments
 from flows.presets import PRESET_TAG, PRESETS, build_spec
 
 FLOWS = [benchmark, prepare_datasets]
@@ -53,8 +53,10 @@ RANGES = {
 }
 
 
-def schema_of(flow) -> dict[str, Any]:
-    return parameter_schema(flow.fn).model_dump()
+def schema_of(flow, preset: str = "demo") -> dict[str, Any]:
+    """The form of the preset's deployment of ``flow``, as `vitflow deploy` registers it."""
+    (deployment,) = [r for r in runner_deployments() if r.flow_name == flow.name and r.name == preset]
+    return deployment._parameter_openapi_schema.model_dump()
 
 
 def walk(schema: dict[str, Any], node: dict[str, Any], path: str = "") -> Iterator[tuple[str, dict[str, Any]]]:
@@ -103,13 +105,21 @@ def test_each_preset_has_a_benchmark_and_a_prepare_deployment_whose_default_is_i
     monkeypatch.delenv("VITFLOW_INIT", raising=False)
     defs = {(d.flow.name, d.name): d for d in definitions()}
     for flow in FLOWS:
-        schema = schema_of(flow)
+        generic = parameter_schema(flow.fn).model_dump()  # what `prefect deploy` of infra/prefect.yaml registers
         for name in PRESETS:
             d = defs[flow.name, name]
             assert d.parameters == {"spec": build_spec(name).form_values()}
             assert f"{PRESET_TAG}{name}" in d.tags
-            assert validate(d.parameters, schema, preprocess=True, raise_on_error=False) == []
+            for schema in (schema_of(flow, name), generic):
+                assert validate(d.parameters, schema, preprocess=True, raise_on_error=False) == []
             flow.validate_parameters(d.parameters)
+
+
+def test_a_preset_that_starts_from_init_has_no_pretraining_section_in_its_form():
+    spec_fields = schema_of(benchmark, "vtab-1k")["definitions"]["BenchmarkSpec"]["properties"]
+    assert "pretrain" not in spec_fields and "init" in spec_fields
+    pretrains = schema_of(benchmark, "demo")["definitions"]["BenchmarkSpec"]["properties"]["pretrain"]
+    assert pretrains["$ref"].endswith("/PretrainSpec") and "anyOf" not in pretrains
 
 
 def test_the_form_schema_names_the_field_out_of_range():
