@@ -16,7 +16,7 @@ from prefect.futures import PrefectFuture, as_completed
 from prefect.task_runners import ThreadPoolTaskRunner
 
 from flows import plan
-from flows.presets import build_spec
+from flows.presets import PRESET_TAG
 from flows.specs import BenchmarkItem, BenchmarkSpec
 from tasks.aggregate import aggregate_task, publish_run_page
 from tasks.common import TrackingContext, run_logger
@@ -85,34 +85,17 @@ def _flow_run_filter(flow_run_id: str) -> str:
 
 
 def _continued_parent(tracker: Tracker, experiment_id: str, flow_run_id: str) -> RunRef | None:
-    """The parent MLflow run an earlier attempt of this flow run started (a Retry runs the same flow run again),
-    set running again: one flow run, one parent run and one set of curves."""
+    """The parent MLflow run an earlier attempt of this flow run started: one flow run, one parent run."""
     if not flow_run_id:
         return None
-    try:
-        found = tracker.client.search_runs(
-            [experiment_id], f"{_flow_run_filter(flow_run_id)} and tags.`vitflow.stage` = 'flow'", max_results=1
-        )
-        if not found:
-            return None
-        tracker.client.update_run(found[0].info.run_id, status="RUNNING")
-    except Exception as e:  # noqa: BLE001 - MLflow unreachable: a new parent run, queued like any other call
-        run_logger().warning("could not look up this flow run's MLflow run (%s); starting a new one", e)
-        return None
-    run_logger().info("continuing MLflow run %s of an earlier attempt", found[0].info.run_id)
-    return tracker.existing_run(found[0].info.run_id, "parent")
+    query = f"{_flow_run_filter(flow_run_id)} and tags.`vitflow.stage` = 'flow'"
+    return tracker.continue_run(experiment_id, query, "parent")
 
 
 def mark_runs_killed(flow: Any, flow_run: Any, state: Any) -> None:
     """Prefect's on_cancellation hook (run by the worker or runner that killed the flow run's process): every
     MLflow run of the flow run not finished ends KILLED (those the killed process ended FAILED as it went)."""
-    params = flow_run.parameters
-    given = params.get("spec")
-    spec = (
-        BenchmarkSpec.model_validate(given)
-        if given
-        else build_spec(params.get("preset", "demo"), params.get("overrides") or {})
-    )
+    spec = BenchmarkSpec.model_validate(flow_run.parameters["spec"])
     tracker = Tracker(spec.resolved_tracking_uri())
     experiment = tracker.client.get_experiment_by_name(spec.experiment)
     if experiment is None:
@@ -123,11 +106,25 @@ def mark_runs_killed(flow: Any, flow_run: Any, state: Any) -> None:
         tracker.client.set_terminated(run.info.run_id, "KILLED")
 
 
-def parent_run_name(preset: str, spec: BenchmarkSpec) -> str:
-    """The parent MLflow run's name: what ran, on which model, when (``demo vit_micro_4 2026-12-01 23:20``)."""
+def run_preset() -> str | None:
+    """The preset this flow run's spec came from, when known: the ``preset:<name>`` tag its deployment (one per
+    preset) or ``vitflow run PRESET`` gave it."""
+    from prefect.runtime import flow_run
+
+    return next((t.removeprefix(PRESET_TAG) for t in flow_run.tags or () if t.startswith(PRESET_TAG)), None)
+
+
+def preset_tags() -> dict[str, str]:
+    """``vitflow.preset`` for the parent MLflow run, where the preset is known."""
+    return {"vitflow.preset": preset} if (preset := run_preset()) else {}
+
+
+def parent_run_name(spec: BenchmarkSpec) -> str:
+    """The parent MLflow run's name: what ran (the preset, else the experiment), on which model, when
+    (``demo vit_micro_4 2026-12-01 23:20``)."""
     from datetime import datetime
 
-    return f"{preset} {spec.model.name} {datetime.now():%Y-%m-%d %H:%M}"
+    return f"{run_preset() or spec.experiment} {spec.model.name} {datetime.now():%Y-%m-%d %H:%M}"
 
 
 def resolve(spec: BenchmarkSpec) -> BenchmarkSpec:
@@ -139,24 +136,24 @@ def resolve(spec: BenchmarkSpec) -> BenchmarkSpec:
     )
 
 
-def _submit_prepares(spec: BenchmarkSpec, tracking: TrackingContext) -> dict[str, PrefectFuture]:
+def submit_prepares(spec: BenchmarkSpec, tracking: TrackingContext) -> dict[str, PrefectFuture]:
     storage.check_writable(spec.resolved_artifact_root())
     return {name: prepare_dataset_task.submit(stage) for name, stage in plan.dataset_stages(spec, tracking).items()}
 
 
 @flow(name="prepare-datasets", log_prints=True)
-def prepare_datasets(
-    preset: str = "demo",
-    overrides: dict[str, Any] | None = None,
-    spec: BenchmarkSpec | None = None,
-    tracking: TrackingContext | None = None,
-) -> dict[str, DatasetRef]:
-    """Prepare every dataset a spec names (already-prepared ones are found by fingerprint and reused)."""
-    spec = spec or resolve(build_spec(preset, overrides or {}))
+def prepare_datasets(spec: BenchmarkSpec, tracking: TrackingContext | None = None) -> dict[str, DatasetRef]:
+    """Prepare every dataset a spec names (already-prepared ones are found by fingerprint and reused).
+
+    Args:
+        spec: the spec whose datasets are prepared (each deployment starts from its preset's).
+        tracking: the MLflow parent run to log under (set by a calling flow); empty: a parent run of its own.
+    """
     parent = None
     if tracking is None:
-        tracker, parent, tracking = open_tracking(spec, "prepare-datasets", {"vitflow.preset": preset})
-    futures = _submit_prepares(spec, tracking)
+        spec = resolve(spec)
+        tracker, parent, tracking = open_tracking(spec, "prepare-datasets", preset_tags())
+    futures = submit_prepares(spec, tracking)
     try:
         return {name: f.result() for name, f in futures.items()}
     finally:
@@ -269,7 +266,7 @@ def _models(
 ) -> tuple[dict[str, str], TrainResult | None, dict[str, DatasetRef]]:
     """Prepare the datasets, pre-train as soon as the upstream one is ready (or resolve ``init``) and initialise
     the from-scratch baseline meanwhile: the models transfer starts from, pre-training's result, the datasets."""
-    prepared = _submit_prepares(spec, tracking)
+    prepared = submit_prepares(spec, tracking)
     scratch = None
     if spec.transfer.from_scratch_baseline:
         scratch = init_checkpoint_task.submit(
@@ -294,29 +291,20 @@ def _models(
 
 
 @flow(name="benchmark", log_prints=True, on_cancellation=[mark_runs_killed])
-def benchmark(
-    preset: str = "demo",
-    overrides: dict[str, Any] | None = None,
-    spec: BenchmarkSpec | None = None,
-    dispatch: Literal["local", "deployments"] | None = None,
-) -> RunSummary:
+def benchmark(spec: BenchmarkSpec, dispatch: Literal["local", "deployments"] | None = None) -> RunSummary:
     """The whole protocol of the paper for one model: prepare the datasets, pre-train (or start from ``init``),
     transfer to every benchmark, and aggregate. Finished stages are reused (Cached); an interrupted run resumes
     where it stopped.
 
     Args:
-        preset: the preset the spec starts from: demo, paper-b16-i1k, paper-b16-i21k, paper-l16-i21k,
-            finetune-official, vtab-1k, fewshot-nightly.
-        overrides: fields of the preset to change, by dotted path, e.g. {"pretrain.steps": 100}.
-        spec: a whole spec instead of preset and overrides.
-        dispatch: local (in this process) or deployments (each fine-tune and evaluation on a work pool);
-            default the spec's compute.dispatch.
+        spec: what to run; each deployment (one per preset, e.g. benchmark/demo) fills in its preset's spec.
+        dispatch: local (here) or deployments (each fine-tune on a work pool); empty: the spec's compute.dispatch.
     """
-    spec = resolve(spec or build_spec(preset, overrides or {}))
+    spec = resolve(spec)
     if dispatch is not None:
         spec = spec.model_copy(update={"compute": spec.compute.model_copy(update={"dispatch": dispatch})})
     logger = run_logger()
-    tracker, parent, ctx = open_tracking(spec, parent_run_name(preset, spec), {"vitflow.preset": preset})
+    tracker, parent, ctx = open_tracking(spec, parent_run_name(spec), preset_tags())
     status = "FAILED"
     try:
         models, pretrained, datasets = _models(spec, tracker, parent, ctx)

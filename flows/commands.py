@@ -143,13 +143,17 @@ def run(
         return print_plan(spec, cost_plan, gpu, mfu)
     _check_artifact_root(spec.resolved_artifact_root())
     server = prefect_server.start_if_needed()  # it boots while the flows are imported
+    from prefect import tags
+
     from flows.benchmark import benchmark, preload_imports
+    from flows.presets import PRESET_TAG
 
     try:
         if server is not None:
             preload_imports(spec)
             server.wait_until_healthy(float(os.environ.get("PREFECT_SERVER_EPHEMERAL_STARTUP_TIMEOUT_SECONDS", 120)))
-        summary = benchmark(preset=preset, spec=spec, dispatch=dispatch)
+        with tags(f"{PRESET_TAG}{preset}"):  # the flow run records the preset its spec came from
+            summary = benchmark(spec=spec, dispatch=dispatch)
     except Exception as e:  # the flow's own log has the details; say what failed and exit 1
         raise fail(f"benchmark {preset!r} failed: {e}", EXIT_FAILED) from None
     finally:
@@ -398,27 +402,61 @@ def compare(
         )
 
 
+def _preset_specs(items: list[str]) -> dict:
+    """``PRESET:path=value`` items -> every preset's spec, those named changed (errors name the preset and field)."""
+    from flows.presets import PRESETS, build_spec
+
+    changes: dict[str, list[str]] = {name: [] for name in PRESETS}
+    for item in items:
+        preset, sep, change = item.partition(":")
+        if not sep or preset not in PRESETS:
+            raise fail(f"--set {item!r}: not PRESET:path=value with a preset of {', '.join(PRESETS)}", EXIT_BAD_INPUT)
+        changes[preset].append(change)
+    specs = {}
+    for name, overrides in changes.items():
+        try:
+            specs[name] = build_spec(name, overrides)
+        except ValueError as e:  # pydantic.ValidationError is a ValueError
+            raise fail(f"preset {name}: {_validation_message(e)}", EXIT_BAD_INPUT) from None
+    return specs
+
+
 def deploy(
     work_pool: Annotated[str | None, typer.Option(help="Deploy onto this work pool instead of serving here.")] = None,
     limit: Annotated[int | None, typer.Option(help="Most flow runs served at once.")] = None,
+    preset_set: Annotated[
+        list[str] | None,
+        typer.Option(
+            "--set",
+            "-s",
+            metavar="PRESET:PATH=VALUE",
+            help="Change a default of a preset's deployments, e.g. `--set demo:pretrain.steps=100` or "
+            "`--set paper-b16-i1k:compute.nproc_per_node=8` (values are YAML, as for `vitflow run --set`). "
+            "Repeatable.",
+        ),
+    ] = None,
 ) -> None:
     """Serve vitflow's deployments to the Prefect API, for the UI and schedules.
 
-    Serves against `PREFECT_API_URL`: benchmark (UI form: preset + overrides), transfer-eval-nightly (cron 02:00
-    UTC; `VITFLOW_NIGHTLY_MODEL`, `VITFLOW_NIGHTLY_CRON`), prepare-datasets, the scaling flow's scaling,
-    scaling-i21k and bit-vs-vit (UI form: the preset's spec), and the train-stage / fewshot-stage jobs used by
-    `dispatch=deployments`. Runs until interrupted. With `--work-pool`, registers them on that pool
-    for workers instead (see infra/prefect.yaml)."""
+    Serves against `PREFECT_API_URL`: one `benchmark` and one `prepare-datasets` deployment per preset, named after
+    it (`benchmark/demo`, `benchmark/paper-b16-i1k`, ...), whose Custom run form is filled with the preset's spec
+    (`--set PRESET:path=value` changes those defaults: a team's own, e.g. its data paths); transfer-eval-nightly
+    (cron 02:00 UTC; `VITFLOW_NIGHTLY_MODEL`, `VITFLOW_NIGHTLY_CRON`); one `scaling` deployment per scaling
+    preset (scaling, scaling-i21k, bit-vs-vit; the form is the preset's study); and the train-stage /
+    fewshot-stage jobs used by `dispatch=deployments`. Runs until interrupted. With `--work-pool`, registers them on that pool for
+    workers instead (see infra/prefect.yaml)."""
     from flows.automations import ensure_nightly_notification
-    from flows.deployments import runner_deployments, serve
+    from flows.deployments import definitions, runner_deployments, serve
 
+    defs = definitions(presets=_preset_specs(preset_set or []))
     ensure_nightly_notification(on_message=typer.echo)
     if work_pool:
         from prefect.deployments import deploy as prefect_deploy
 
-        prefect_deploy(*runner_deployments(work_pool=work_pool), work_pool_name=work_pool, build=False, push=False)
+        deployments = runner_deployments(defs, work_pool=work_pool)
+        prefect_deploy(*deployments, work_pool_name=work_pool, build=False, push=False)
         return
-    serve(limit=limit, on_start=lambda names: typer.echo("serving: " + ", ".join(names)))
+    serve(limit=limit, on_start=lambda names: typer.echo("serving: " + ", ".join(names)), defs=defs)
 
 
 def register(app: typer.Typer) -> None:

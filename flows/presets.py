@@ -233,6 +233,9 @@ PRESETS: dict[str, Callable[[], BenchmarkSpec]] = {
 }
 
 
+PRESET_TAG = "preset:"  # the Prefect tag (``preset:demo``) naming the preset a flow run's spec came from
+
+
 def build_spec(preset: str, overrides: list[str] | dict[str, Any] | None = None) -> BenchmarkSpec:
     """A preset with ``path.to.field=value`` overrides, validated as a whole (errors name the field)."""
     if preset not in PRESETS:

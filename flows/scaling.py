@@ -19,7 +19,7 @@ from prefect.exceptions import TerminationSignal
 from prefect.task_runners import ThreadPoolTaskRunner
 
 from flows import plan
-from flows.benchmark import _submit_prepares, mark_runs_killed, open_tracking, resolve, transfer
+from flows.benchmark import mark_runs_killed, open_tracking, preset_tags, resolve, run_preset, submit_prepares, transfer
 from flows.costs import training_flops
 from flows.scaling_spec import FULL, ScalingSpec
 from flows.specs import BenchmarkSpec
@@ -73,10 +73,10 @@ def pretrain_arms(experiment: str, stages: list[TrainStage]) -> list[TrainResult
     return [f.result() for f in futures]
 
 
-def _open(spec: ScalingSpec, preset: str):
+def _open(spec: ScalingSpec):
     models = ", ".join(spec.models)
-    name = f"{preset} {models} {datetime.now():%Y-%m-%d %H:%M}"
-    tracker, parent, ctx = open_tracking(spec.base, name, {"vitflow.preset": preset, "vitflow.flow": "scaling"})
+    name = f"{run_preset() or spec.base.experiment} {models} {datetime.now():%Y-%m-%d %H:%M}"
+    tracker, parent, ctx = open_tracking(spec.base, name, {**preset_tags(), "vitflow.flow": "scaling"})
     tracker.log_text(parent, json.dumps(spec.model_dump(mode="json"), indent=2), "scaling_spec.json")
     tracker.set_tags(parent, {"vitflow.scaling.models": models, "vitflow.scaling.sizes": str(spec.upstream_sizes)})
     return tracker, parent, ctx
@@ -85,7 +85,7 @@ def _open(spec: ScalingSpec, preset: str):
 def _study(spec: ScalingSpec, ctx: TrackingContext) -> ScalingAggregateStage:
     """Prepare, pre-train every arm, transfer each model's arms: what the aggregation needs."""
     base = spec.base
-    datasets = {name: f.result() for name, f in _submit_prepares(base, ctx).items()}
+    datasets = {name: f.result() for name, f in submit_prepares(base, ctx).items()}
     upstream = datasets[base.pretrain.dataset.name]
     arms = [arm(spec, model, subset, upstream) for model in spec.models for subset in subsets(spec, upstream)]
     stages = [plan.pretrain_stage(arm_spec, upstream, ctx) for _, arm_spec in arms]
@@ -117,17 +117,16 @@ def mark_arms_killed(flow: Any, flow_run: Any, state: Any) -> None:
 
 
 @flow(name="scaling", log_prints=True, on_cancellation=[mark_arms_killed])
-def scaling(spec: ScalingSpec, preset: str = "scaling") -> RunSummary:
+def scaling(spec: ScalingSpec) -> RunSummary:
     """The paper's scaling study: pre-train every model on nested random subsets of the upstream set, transfer each
     (few-shot, and fine-tune with ``finetune``), and plot accuracy against pre-training set size (Figure 4) and
     compute (Figure 5). Finished stages are reused (Cached): adding a size trains only that size.
 
     Args:
         spec: the study (presets: scaling, scaling-i21k, bit-vs-vit; `vitflow presets`).
-        preset: the preset's name, for the MLflow parent run's name and tags.
     """
     spec = spec.model_copy(update={"base": resolve(spec.base)})
-    tracker, parent, ctx = _open(spec, preset)
+    tracker, parent, ctx = _open(spec)
     status = "FAILED"
     try:
         summary = scaling_aggregate_task(_study(spec, ctx))

@@ -53,14 +53,18 @@ def run_scaling(preset: str, overrides: list[str] | None, dry_run: bool, gpu: st
         return print_plan(spec, cost_plan, gpu, mfu)
     _check_artifact_root(spec.base.resolved_artifact_root())
     server = prefect_server.start_if_needed()
+    from prefect import tags
+
     from flows.benchmark import preload_imports
+    from flows.presets import PRESET_TAG
     from flows.scaling import scaling
 
     try:
         if server is not None:
             preload_imports(spec.base)
             server.wait_until_healthy(float(os.environ.get("PREFECT_SERVER_EPHEMERAL_STARTUP_TIMEOUT_SECONDS", 120)))
-        summary = scaling(spec=spec, preset=preset)
+        with tags(f"{PRESET_TAG}{preset}"):  # the flow run records the preset its study came from
+            summary = scaling(spec=spec)
     except Exception as e:
         raise fail(f"scaling {preset!r} failed: {e}", EXIT_FAILED) from None
     _where_to_look(summary, spec.base.resolved_tracking_uri())

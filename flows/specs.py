@@ -22,8 +22,38 @@ Protocol = Literal["imagenet", "cifar10", "cifar100", "pets", "flowers102", "vta
 FILE_FORMATS = ("imagenet", "imagefolder", "cifar10", "cifar100", "pets", "flowers102", "fashion-mnist", "vtab", "list")
 
 
+def _title(name: str, _info: Any) -> str:
+    """The form's label of a field: ``warmup_steps`` -> ``Warmup steps``."""
+    return name.replace("_", " ").capitalize()
+
+
+RANGE_KEYWORDS = ("minimum", "maximum", "exclusiveMinimum", "exclusiveMaximum", "minItems", "maxItems")
+
+
+def _form_schema(schema: dict[str, Any]) -> None:
+    """What Prefect's form needs of a model's JSON schema. An ``X | None`` field stays ``anyOf: [X, null]`` (the form
+    renders that as an X/None toggle) with its range beside the ``anyOf``, not inside it: jsonschema then names the
+    field out of range (``transfer.finetune.steps: 0 is less than or equal to the minimum of 0``) where an ``anyOf``
+    only says that the value "is not valid under any of the given schemas". (``pretrain``, a nullable section, is
+    made the preset's in each deployment's form: ``flows.deployments.preset_form``.)"""
+    for prop in schema.get("properties", {}).values():
+        options = prop.get("anyOf", [])
+        if len(options) != 2 or {"type": "null"} not in options:
+            continue
+        (kept,) = [o for o in options if o != {"type": "null"}]
+        for key in RANGE_KEYWORDS:
+            if key in kept:
+                prop[key] = kept.pop(key)
+
+
 class Spec(BaseModel):
-    model_config = ConfigDict(extra="forbid", validate_assignment=True, allow_inf_nan=False)
+    model_config = ConfigDict(
+        extra="forbid",
+        validate_assignment=True,
+        allow_inf_nan=False,
+        field_title_generator=_title,
+        json_schema_extra=_form_schema,
+    )
 
 
 class DatasetSpec(Spec):
@@ -32,7 +62,7 @@ class DatasetSpec(Spec):
     name: str = Field(
         min_length=1,
         pattern=r"^[A-Za-z0-9][A-Za-z0-9._-]*$",
-        description="name in the artifact store (datasets/<name>/<fingerprint>)",
+        description="name in the artifact store (datasets/NAME/FINGERPRINT)",
     )
     source: str = Field(description="FORMAT:PATH, e.g. cifar10:/data/cifar-10-batches-py or synthetic-upstream:")
     options: dict[str, str | int | float | bool] = Field(
@@ -88,7 +118,7 @@ class ModelSpec(Spec):
 class PretrainSpec(Spec):
     """Upstream pre-training (paper Table 3). Exactly one of ``steps`` and ``epochs``."""
 
-    dataset: DatasetSpec = Field(description="the upstream dataset")
+    dataset: DatasetSpec = Field(title="Dataset", description="the upstream dataset")
     objective: Literal["classification", "mpp"] = Field(
         "classification",
         description="classification (the paper's supervised pre-training) or mpp (masked patch prediction)",
@@ -121,7 +151,9 @@ class PretrainSpec(Spec):
     pre_logits: bool = Field(True, description="the tanh pre-logits layer of width D (paper §3.1)")
     dropout: float | None = Field(0.1, ge=0, lt=1, description="dropout rate (None: the variant's default)")
     checkpoint_every_minutes: float = Field(30.0, gt=0, description="save a resumable checkpoint this often")
-    registered_model: str | None = Field(None, description="MLflow registered model (default <experiment>-<model>)")
+    registered_model: str | None = Field(
+        None, description="MLflow registered model (default: EXPERIMENT-MODEL, e.g. demo-vit_micro_4)"
+    )
     alias: str = Field("candidate", description="MLflow registry alias pointed at the new model version")
 
     @model_validator(mode="after")
@@ -139,7 +171,7 @@ class BenchmarkItem(Spec):
         pattern=r"^[A-Za-z0-9][A-Za-z0-9._/-]*$",
         description="the benchmark's name in results and MLflow runs, e.g. cifar10 or vtab/dtd",
     )
-    dataset: DatasetSpec = Field(description="the benchmark's dataset")
+    dataset: DatasetSpec = Field(title="Dataset", description="the benchmark's dataset")
     protocol: Protocol = Field(
         description="the row of the paper's Table 4 (steps, learning rates, splits) it is fine-tuned with"
     )
@@ -162,7 +194,9 @@ class FinetuneSpec(Spec):
     image_size: int = Field(384, gt=0, description="fine-tuning resolution in pixels (paper: 384)")
     batch_size: int = Field(512, gt=0, description="global fine-tuning batch (paper: 512)")
     steps: int | None = Field(None, gt=0, description="fine-tuning steps (None: the protocol's)")
-    lrs: list[float] | None = Field(None, description="learning rates to sweep (None: the protocol's)")
+    lrs: list[Annotated[float, Field(gt=0)]] | None = Field(
+        None, min_length=1, description="learning rates to sweep (None: the protocol's)"
+    )
     warmup_steps: int | None = Field(None, ge=0, description="warm-up steps (None: the protocol's)")
     sweep: bool = Field(True, description="choose the learning rate on the held-out split (false: the first one)")
     polyak: float | None = Field(
@@ -172,17 +206,10 @@ class FinetuneSpec(Spec):
         default_factory=lambda: [0], min_length=1, description="a final fine-tune per seed"
     )
 
-    @field_validator("lrs")
-    @classmethod
-    def _positive_lrs(cls, value: list[float] | None) -> list[float] | None:
-        if value is not None and (not value or any(lr <= 0 for lr in value)):
-            raise ValueError("finetune.lrs must be a non-empty list of positive learning rates")
-        return value
-
 
 class FewshotSpec(Spec):
     enabled: bool = Field(True, description="run few-shot linear evaluation")
-    shots: list[int] = Field(
+    shots: list[Annotated[int, Field(ge=1)]] = Field(
         default_factory=lambda: [1, 5, 10, 25], min_length=1, description="training images per class"
     )
     seeds: list[Annotated[int, Field(ge=0)]] = Field(
@@ -191,20 +218,15 @@ class FewshotSpec(Spec):
     l2: float = Field(1024.0, gt=0, description="ridge regularisation (big_vision: 1024)")
     image_size: int | None = Field(None, gt=0, description="None: the pre-training (or init checkpoint's) resolution")
 
-    @field_validator("shots")
-    @classmethod
-    def _positive_shots(cls, value: list[int]) -> list[int]:
-        if any(k <= 0 for k in value):
-            raise ValueError("fewshot.shots must be positive")
-        return value
-
 
 class TransferSpec(Spec):
     benchmarks: list[BenchmarkItem] = Field(default_factory=list, description="the downstream benchmarks")
     finetune: FinetuneSpec = Field(
-        default_factory=FinetuneSpec, description="fine-tuning settings shared by every benchmark"
+        default_factory=FinetuneSpec, title="Finetune", description="fine-tuning settings shared by every benchmark"
     )
-    fewshot: FewshotSpec = Field(default_factory=FewshotSpec, description="few-shot settings shared by every benchmark")
+    fewshot: FewshotSpec = Field(
+        default_factory=FewshotSpec, title="Fewshot", description="few-shot settings shared by every benchmark"
+    )
     from_scratch_baseline: bool = Field(False, description="also fine-tune a randomly initialised model")
 
     @model_validator(mode="after")
@@ -266,12 +288,14 @@ class BenchmarkSpec(Spec):
     """The whole protocol: prepare -> pre-train (or start from ``init``) -> transfer -> aggregate."""
 
     experiment: str = Field(min_length=1, description="the MLflow experiment (one per suite, so its runs compare)")
-    model: ModelSpec = Field(default_factory=ModelSpec, description="the model")
+    model: ModelSpec = Field(default_factory=ModelSpec, title="Model", description="the model")
     pretrain: PretrainSpec | None = Field(None, description="upstream pre-training (or give init)")
     init: str | None = Field(None, description="start transfer from this checkpoint instead of pre-training")
-    transfer: TransferSpec = Field(default_factory=TransferSpec, description="what the model is transferred to")
-    compute: ComputeSpec = Field(default_factory=ComputeSpec, description="where and how stages run")
-    analysis: AnalysisSpec = Field(default_factory=AnalysisSpec, description="the analysis figures")
+    transfer: TransferSpec = Field(
+        default_factory=TransferSpec, title="Transfer", description="what the model is transferred to"
+    )
+    compute: ComputeSpec = Field(default_factory=ComputeSpec, title="Compute", description="where and how stages run")
+    analysis: AnalysisSpec = Field(default_factory=AnalysisSpec, title="Analysis", description="the analysis figures")
     artifact_root: str | None = Field(None, description="None: $VITFLOW_ARTIFACT_ROOT or $VITFLOW_HOME/artifacts")
     tracking_uri: str | None = Field(
         None, description="None: $MLFLOW_TRACKING_URI or sqlite:///$VITFLOW_HOME/mlflow.db"
@@ -339,6 +363,11 @@ class BenchmarkSpec(Spec):
         if errors:
             raise ValueError("; ".join(errors))
         return self
+
+    def form_values(self) -> dict[str, Any]:
+        """The spec as the flows' ``spec`` parameter (a deployment's default, an API call's value): JSON, with no
+        ``pretrain`` when there is none (the form's schema has a pre-training section or none, never null)."""
+        return self.model_dump(mode="json", exclude={"pretrain"} if self.pretrain is None else None)
 
     def check_inputs(self) -> None:
         """Refuse missing local inputs (dataset folders, the init checkpoint) before any compute, naming the field."""

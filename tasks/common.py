@@ -96,6 +96,19 @@ def run_logger() -> logging.Logger | logging.LoggerAdapter:
         return logging.getLogger("vitflow")
 
 
+def _continued_stage_run(tracker: Tracker, ctx: TrackingContext, name: str) -> RunRef | None:
+    """The stage's own MLflow run from an earlier attempt of the same flow run (a Retry, or a task retry after a
+    crash), which ended KILLED or FAILED: the resumed training logs on under it, so a stage has one loss curve."""
+    flow_run_id = ctx.tags.get("prefect.flow_run_id")
+    if not flow_run_id or ctx.parent_run_id is None:
+        return None
+    query = (
+        f"tags.`prefect.flow_run_id` = '{flow_run_id}' and tags.`mlflow.parentRunId` = '{ctx.parent_run_id}' "
+        f"and attributes.run_name = '{name}' and attributes.status != 'FINISHED' and attributes.status != 'RUNNING'"
+    )
+    return tracker.continue_run(ctx.experiment_id, query, name)
+
+
 def start_stage_run(
     ctx: TrackingContext,
     name: str,
@@ -112,7 +125,7 @@ def start_stage_run(
         "vitflow.git_commit": git_commit(),
         **{k: str(v) for k, v in (extra_tags or {}).items()},
     }
-    run = tracker.start_run(ctx.experiment_id, name, parent, tags)
+    run = _continued_stage_run(tracker, ctx, name) or tracker.start_run(ctx.experiment_id, name, parent, tags)
     if params:
         tracker.log_params(run, params)
     return tracker, run

@@ -232,6 +232,20 @@ class Tracker:
         self._refs[ref.local_id] = ref
         return ref
 
+    def continue_run(self, experiment_id: str, filter_string: str, name: str = "run") -> RunRef | None:
+        """The run matching ``filter_string`` that an earlier attempt left (a Retry runs the same flow run again),
+        set running again so it goes on with the same curves; None when there is none or MLflow cannot say."""
+        try:
+            found = self.client.search_runs([experiment_id], filter_string, max_results=1)
+            if not found:
+                return None
+            self.client.update_run(found[0].info.run_id, status="RUNNING")
+        except Exception as e:  # noqa: BLE001 - MLflow unreachable: a new run, queued like any other call
+            log.warning("could not look up the run of an earlier attempt (%s); starting a new one", e)
+            return None
+        log.info("continuing MLflow run %s (%s) of an earlier attempt", found[0].info.run_id, name)
+        return self.existing_run(found[0].info.run_id, name)
+
     def start_run(
         self, experiment_id: str, name: str, parent: RunRef | None = None, tags: Mapping[str, str] | None = None
     ) -> RunRef:

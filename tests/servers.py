@@ -27,8 +27,46 @@ import pytest
 BIN = Path(sys.executable).parent
 REPO = Path(__file__).resolve().parent.parent
 TERMINAL = {"COMPLETED", "FAILED", "CRASHED", "CANCELLED"}
-DEPLOYMENTS = {"benchmark", "transfer-eval-nightly", "prepare-datasets", "train-stage", "fewshot-stage"}
 SERVED_BUCKET = "ops-test"
+UI_EXPERIMENT = "ui-test"
+UI_BENCH = "synth/natural_objects"
+# The served demo deployment's defaults (`vitflow deploy --set demo:...`): the demo preset made tiny (a small
+# synthetic upstream set, one synthetic VTAB task, a few fine-tuning steps), whatever data demo() itself names.
+# Pre-training is long enough (150 tiny steps) for its progress artifact to be seen moving.
+SERVED_DEMO = {
+    "experiment": UI_EXPERIMENT,
+    "pretrain.dataset": {
+        "name": "synthetic-upstream",
+        "source": "synthetic-upstream:",
+        "options": {"classes": 10, "per_class": 20, "size": 32},
+    },
+    "pretrain.image_size": 32,
+    "pretrain.steps": 150,
+    "pretrain.batch_size": 16,
+    "pretrain.warmup_steps": 4,
+    "transfer.benchmarks": [
+        {
+            "name": UI_BENCH,
+            "protocol": "vtab",
+            "dataset": {
+                "name": "synth-natural_objects",
+                "source": "synthetic-vtab:natural_objects",
+                "options": {"size": 32, "test": 60},
+            },
+        }
+    ],
+    "transfer.finetune.image_size": 32,
+    "transfer.finetune.steps": 6,
+    "transfer.finetune.batch_size": 16,
+    "transfer.finetune.lrs": [0.01],
+    "transfer.finetune.sweep": False,
+    "transfer.fewshot.shots": [1, 5],
+    "transfer.fewshot.seeds": [0],
+    "transfer.from_scratch_baseline": False,
+    "analysis.enabled": False,
+    "compute.device": "cpu",
+    "compute.max_parallel": 2,
+}
 # Server loops the tests never need (schedules, late runs, ...): off, to spare the CI's two cores. The triggers
 # service stays on: it evaluates automations (the nightly's failure notification) and runs their actions.
 IDLE_SERVICES = ("SCHEDULER", "LATE_RUNS", "CANCELLATION_CLEANUP", "PAUSE_EXPIRATIONS", "DB_VACUUM")
@@ -70,12 +108,15 @@ def http_ok(url: str) -> bool:
         return False
 
 
-def wait_for_flow_run(api: str, flow_run_filter: dict[str, Any], timeout: float = 300) -> dict[str, Any]:
-    """The first flow run matching ``flow_run_filter`` once it reaches a terminal state."""
+def wait_for_flow_run(
+    api: str, flow_run_filter: dict[str, Any], timeout: float = 300, terminal: bool = True
+) -> dict[str, Any]:
+    """The first flow run matching ``flow_run_filter`` once it reaches a terminal state (``terminal=False``: once
+    it exists)."""
     start = time.monotonic()
     while True:
         runs = api_post(f"{api}/flow_runs/filter", {"flow_runs": flow_run_filter})
-        if runs and runs[0]["state_type"] in TERMINAL:
+        if runs and (runs[0]["state_type"] in TERMINAL or not terminal):
             return runs[0]
         elapsed = time.monotonic() - start
         assert runs or elapsed < 30, f"no flow run matches {flow_run_filter}"
@@ -212,16 +253,25 @@ class ServedStack:
     webhook: WebhookListener  # receives the notifications of the automations `vitflow deploy` created
 
 
-def served_deployments(api: str) -> set[str]:
+def served_deployments(api: str) -> list[str]:
+    """The names of the deployments on the server, sorted (``benchmark/demo`` and ``prepare-datasets/demo`` are
+    both ``demo``)."""
     try:
-        return {d["name"] for d in api_post(f"{api}/deployments/filter", {})}
+        return sorted(d["name"] for d in api_post(f"{api}/deployments/filter", {}))
     except OSError:
-        return set()
+        return []
+
+
+def deploy_argv() -> list[str]:
+    """`vitflow deploy` with the served demo deployment's defaults (``SERVED_DEMO``)."""
+    sets = [f"demo:{path}={json.dumps(value)}" for path, value in SERVED_DEMO.items()]
+    return [str(BIN / "vitflow"), "deploy", *(arg for item in sets for arg in ("--set", item))]
 
 
 @pytest.fixture(scope="session")
 def served_stack(tmp_path_factory, moto_endpoint) -> Iterator[ServedStack]:
     """Prefect server + MLflow server + `vitflow deploy` serving every deployment; artifacts in S3 (moto)."""
+    from flows.deployments import definitions
     from vit import storage
 
     home = tmp_path_factory.mktemp("served-stack")
@@ -244,7 +294,8 @@ def served_stack(tmp_path_factory, moto_endpoint) -> Iterator[ServedStack]:
             "VITFLOW_NOTIFY_BLOCK": NOTIFY_BLOCK,
         }
         log = home / "serve.log"
-        with background([str(BIN / "vitflow"), "deploy"], env, log, cwd=REPO) as proc:
-            wait_until(lambda: served_deployments(api) == DEPLOYMENTS, "vitflow deploy", [(proc, log)])
+        expected = sorted(d.name for d in definitions())
+        with background(deploy_argv(), env, log, cwd=REPO) as proc:
+            wait_until(lambda: served_deployments(api) == expected, "vitflow deploy", [(proc, log)])
             yield ServedStack(api, api.removesuffix("/api"), mlflow_url, s3, root, log, webhook)
         webhook.server.shutdown()

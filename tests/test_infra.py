@@ -58,16 +58,21 @@ def read_by_tools(name: str, code_text: str) -> bool:
 
 
 def test_prefect_yaml_declares_exactly_the_deployments_in_code(monkeypatch):
-    from flows.deployments import NIGHTLY_CRON, NIGHTLY_TIMEZONE, definitions, runner_deployments
+    from flows.deployments import NIGHTLY_CRON, NIGHTLY_TIMEZONE, definitions, prefect_yaml, runner_deployments
 
     monkeypatch.delenv("VITFLOW_NIGHTLY_MODEL", raising=False)  # the defaults are what prefect.yaml declares
     monkeypatch.delenv("VITFLOW_NIGHTLY_CRON", raising=False)
-    monkeypatch.delenv("VITFLOW_DATA", raising=False)  # the scaling presets' dataset paths, as prefect.yaml has them
-    project = yaml.safe_load((INFRA / "prefect.yaml").read_text())
-    declared = {d["name"]: d for d in project["deployments"]}
-    defs = {d.name: d for d in definitions()}
+    for preset_setting in ("VITFLOW_DATA", "VITFLOW_INIT"):  # the presets' defaults are what prefect.yaml declares
+        monkeypatch.delenv(preset_setting, raising=False)
+    text = (INFRA / "prefect.yaml").read_text()
+    assert text == prefect_yaml(), "infra/prefect.yaml is stale: python -m flows.deployments > infra/prefect.yaml"
+    project = yaml.safe_load(text)
+    key = {d.entrypoint: d.flow.name for d in definitions()}
+    declared = {(key[d["entrypoint"]], d["name"]): d for d in project["deployments"]}
+    defs = {(d.flow.name, d.name): d for d in definitions()}
     assert list(declared) == list(defs)
-    served = {r.name: r.entrypoint for r in runner_deployments()}  # what `vitflow deploy` registers
+    assert ("benchmark", "demo") in defs and ("prepare-datasets", "paper-b16-i1k") in defs  # one per preset
+    served = {(r.flow_name, r.name): r.entrypoint for r in runner_deployments()}  # what `vitflow deploy` registers
     for name, d in defs.items():
         y = declared[name]
         assert y["entrypoint"] == d.entrypoint == served[name], name
@@ -78,7 +83,7 @@ def test_prefect_yaml_declares_exactly_the_deployments_in_code(monkeypatch):
         assert y["work_pool"]["name"] == "{{ $VITFLOW_WORK_POOL }}", name
         if d.parameters:  # the defaults pass the flow's own validation (what the UI form submits)
             d.flow.validate_parameters(d.parameters)
-    assert declared["transfer-eval-nightly"]["schedules"] == [{"cron": "0 2 * * *", "timezone": "UTC"}]
+    assert declared["transfer-eval", "transfer-eval-nightly"]["schedules"] == [{"cron": "0 2 * * *", "timezone": "UTC"}]
     assert NIGHTLY_CRON == "0 2 * * *"
     assert project["prefect-version"] == __import__("prefect").__version__
 
@@ -95,8 +100,8 @@ def test_prefect_yaml_entrypoints_load_the_flows_the_code_deploys():
         assert (REPO / path).is_file(), d.entrypoint
         assert load_flow_from_entrypoint(str(REPO / d.entrypoint)).name == d.flow.name
     # on a work pool (`vitflow deploy --work-pool`) the entrypoints are module paths into the installed package
-    modules = {r.name: r.entrypoint for r in runner_deployments(work_pool="gpu")}
-    assert modules == {d.name: f"{d.flow.__module__}.{d.flow.fn.__name__}" for d in defs}
+    modules = {(r.flow_name, r.name): r.entrypoint for r in runner_deployments(work_pool="gpu")}
+    assert modules == {(d.flow.name, d.name): f"{d.flow.__module__}.{d.flow.fn.__name__}" for d in defs}
     # the deployments the benchmark flow dispatches to with dispatch=deployments exist
     assert {TRAIN_DEPLOYMENT, FEWSHOT_DEPLOYMENT} <= {f"{d.flow.name}/{d.name}" for d in defs}
 

@@ -144,6 +144,8 @@ def test_benchmark_end_to_end_on_s3_and_mlflow_server(prefect_server, mlflow_ser
     assert parent.data.params["pretrain.steps"] == "24" and parent.data.params["model.name"] == "vit_micro_4"
     assert parent.data.tags["vitflow.spec_hash"] == spec.spec_hash()
     assert parent.data.tags["prefect.flow_run_id"]
+    assert parent.info.run_name.startswith("pipeline-test vit_micro_4 ")  # no preset known: the experiment's name
+    assert "vitflow.preset" not in parent.data.tags
     assert "vitflow.git_commit" in parent.data.tags
     runs = children(client, first.run_id)
     assert {

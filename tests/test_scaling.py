@@ -90,14 +90,14 @@ def test_scaling_spec_refuses_what_the_study_cannot_run(tmp_path):
 def test_scaling_flow_tables_plots_and_retrains_only_an_added_size(harness, root):
     from flows.scaling import scaling
 
-    first = scaling(spec=tiny_spec("scaling", root, ["upstream_sizes=[full]"]), preset="scaling")
+    first = scaling(spec=tiny_spec("scaling", root, ["upstream_sizes=[full]"]))
     client = MlflowClient(f"sqlite:///{root / 'mlflow.db'}")
     assert sorted(r.info.run_name for r in _children(client, first.run_id, "pretrain")) == [
         "pretrain:bit_micro",
         "pretrain:vit_micro_4",
     ]
 
-    summary = scaling(spec=tiny_spec("scaling", root, ["upstream_sizes=[50,full]"]), preset="scaling")
+    summary = scaling(spec=tiny_spec("scaling", root, ["upstream_sizes=[50,full]"]))
     trained = {r.info.run_name: r.data.tags["vitflow.cached"] for r in _children(client, summary.run_id, "pretrain")}
     assert trained == {
         "pretrain:vit_micro_4": "true",
@@ -130,7 +130,7 @@ def test_scaling_flow_tables_plots_and_retrains_only_an_added_size(harness, root
 def test_bit_vs_vit_is_one_run_with_both_models_side_by_side(harness, root):
     from flows.scaling import scaling
 
-    summary = scaling(spec=tiny_spec("bit-vs-vit", root, tasks=TASKS[:1]), preset="bit-vs-vit")
+    summary = scaling(spec=tiny_spec("bit-vs-vit", root, tasks=TASKS[:1]))
     folder = root / "artifacts" / "runs" / summary.run_id
     table = pd.read_csv(folder / "scaling.csv")
     assert set(table["model"]) == {"vit_micro_4", "bit_micro"} and set(table["upstream_images"]) == {200}

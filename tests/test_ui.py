@@ -11,6 +11,7 @@ from __future__ import annotations
 import json
 import re
 import time
+import urllib.error
 import urllib.parse
 import urllib.request
 import uuid
@@ -21,13 +22,23 @@ from typing import Any
 import pytest
 from mlflow import MlflowClient
 
-from tests.servers import REPO, SERVED_BUCKET, api_post, wait_for_flow_run
+from flows.deployments import definitions
+from tests.servers import (
+    REPO,
+    SERVED_BUCKET,
+    SERVED_DEMO,
+    TERMINAL,
+    UI_BENCH,
+    UI_EXPERIMENT,
+    api_post,
+    wait_for_flow_run,
+)
 
 pytest_plugins = ["tests.servers"]
 
 CHROMIUM = Path("/usr/bin/chromium")
 SHOTS = REPO / "test-artifacts" / "ui"
-EXPERIMENT = "ui-test"
+EXPERIMENT = UI_EXPERIMENT
 CHROMIUM_ARGS = [
     "--headless",
     "--no-sandbox",
@@ -38,36 +49,15 @@ CHROMIUM_ARGS = [
     "--disable-sync",
     "--no-first-run",
 ]
-BENCH = "synth/natural_objects"
-LR = 0.01
-# What a person types into the `overrides` field: the demo preset made small (one benchmark, a few steps).
-OVERRIDES = {
-    "experiment": EXPERIMENT,
-    "pretrain.steps": 16,
-    "pretrain.batch_size": 32,
-    "pretrain.warmup_steps": 4,
-    "pretrain.dataset.options.classes": 10,
-    "pretrain.dataset.options.per_class": 20,
-    "transfer.benchmarks": [
-        {
-            "name": BENCH,
-            "protocol": "vtab",
-            "dataset": {
-                "name": "synth-natural_objects",
-                "source": "synthetic-vtab:natural_objects",
-                "options": {"size": 32, "test": 60},
-            },
-        }
-    ],
-    "transfer.finetune.steps": 6,
-    "transfer.finetune.batch_size": 16,
-    "transfer.finetune.lrs": [LR],
-    "transfer.fewshot.shots": [1, 5],
-    "transfer.fewshot.seeds": [0],
-    "transfer.from_scratch_baseline": False,
-    "analysis.enabled": False,
-    "compute.max_parallel": 2,
+BENCH = UI_BENCH
+LR = SERVED_DEMO["transfer.finetune.lrs"][0]
+# The two typed fields a person changes in the form of benchmark/demo (found by their one-line descriptions), and
+# what they type: everything else is the deployment's default, the demo preset as `vitflow deploy --set` made it.
+TYPED = {
+    "pretrain.lr": ("peak learning rate (Adam)", 0.004),
+    "transfer.finetune.steps": ("fine-tuning steps (None: the protocol's)", 8),
 }
+PRETRAIN_STEPS = "training steps (give steps or epochs)"
 STAGES = ["pretrain:vit_micro_4", f"finetune:{BENCH}:lr={LR:g}"]  # the two runs compared in MLflow
 
 
@@ -97,10 +87,55 @@ def shot(page, name: str, full_page: bool = False) -> Path:
     return path
 
 
+def demo_deployment(api: str) -> dict[str, Any]:
+    """The `benchmark/demo` deployment (`prepare-datasets/demo` has the same name)."""
+    (flow,) = api_post(f"{api}/flows/filter", {"flows": {"name": {"any_": ["benchmark"]}}})
+    body = {"deployments": {"name": {"any_": ["demo"]}}, "flows": {"id": {"any_": [flow["id"]]}}}
+    (deployment,) = api_post(f"{api}/deployments/filter", body)
+    return deployment
+
+
+def form_field(page, description: str):
+    """A field of the Custom run form, by its one-line description (the innermost property that shows it)."""
+    return page.locator(".schema-form-property", has=page.get_by_text(description, exact=True)).last.locator("input")
+
+
+def open_custom_run(page, stack, deployment: dict[str, Any]) -> None:
+    """Deployments → benchmark/demo → Run → Custom run: the typed form, filled with the deployment's spec."""
+    page.goto(f"{stack.ui}/deployments/deployment/{deployment['id']}")
+    page.get_by_role("button", name="Run", exact=True).click()
+    page.get_by_text("Custom run").click()
+    form_field(page, PRETRAIN_STEPS).wait_for()
+
+
+def leaves(data: Any, path: str = "") -> dict[str, Any]:
+    """``{dotted path: value}`` of nested JSON (list items by index)."""
+    if isinstance(data, dict | list):
+        items = data.items() if isinstance(data, dict) else enumerate(data)
+        return {k: v for key, value in items for k, v in leaves(value, f"{path}{key}.").items()}
+    return {path.rstrip("."): data}
+
+
+def watch_progress(api: str, flow_run_id: str, timeout: float = 400) -> tuple[dict[str, Any], list[float]]:
+    """Poll the flow run and the progress artifact of its pre-training (the parent run's own progress artifact)
+    until the run is over: its final state and every value of the artifact seen meanwhile (a deadline, not a timed
+    assert)."""
+    seen: list[float] = []
+    body = {"artifacts": {"flow_run_id": {"any_": [flow_run_id]}, "type": {"any_": ["progress"]}}}
+    start = time.monotonic()
+    while True:
+        (run,) = api_post(f"{api}/flow_runs/filter", {"flow_runs": {"id": {"any_": [flow_run_id]}}})
+        seen += [float(a["data"]) for a in api_post(f"{api}/artifacts/filter", body)]
+        if run["state_type"] in TERMINAL:
+            return run, seen
+        assert time.monotonic() - start < timeout, f"flow run {flow_run_id} did not finish within {timeout:.0f} s"
+        time.sleep(0.3)
+
+
 @pytest.fixture(scope="module")
 def ui_run(served_stack, browser) -> dict[str, Any]:
-    """What a person does in the Prefect UI: deployments → benchmark → Run → Custom run → fill the form → Submit,
-    then the run's page once it is over (reached through the link MLflow keeps on the run)."""
+    """What a person does in the Prefect UI: deployments → benchmark/demo → Run → Custom run → type two fields →
+    Submit, then the run's page once it is over (reached through the link MLflow keeps on the run)."""
     from playwright.sync_api import expect
 
     stack = served_stack
@@ -108,28 +143,32 @@ def ui_run(served_stack, browser) -> dict[str, Any]:
     context.set_default_timeout(30_000)
     page = context.new_page()
     page.goto(f"{stack.ui}/deployments")
-    page.get_by_role("link", name="benchmark", exact=True).first.wait_for()
+    page.get_by_role("link", name="demo", exact=True).first.wait_for()
     listed = page.inner_text("body")
     shots = {"deployments": shot(page, "prefect-deployments")}
+    page.get_by_placeholder("Search deployments").fill("nightly")  # the list has pages: find the nightly one
+    page.get_by_text("At 02:00 AM every day").first.wait_for()
+    listed += page.inner_text("body")
 
-    page.get_by_role("link", name="benchmark", exact=True).first.click()
-    page.get_by_role("button", name="Run", exact=True).click()
-    page.get_by_text("Custom run").click()
-
-    def field(parameter: str):
-        return page.locator(".schema-form-property", has_text=f"{parameter} (Optional)").locator("textarea")
-
+    deployment = demo_deployment(stack.api)
+    open_custom_run(page, stack, deployment)
     run_name = f"ui-benchmark-{uuid.uuid4().hex[:8]}"
     name = page.locator(".flow-run-name-input input")
     expect(name).not_to_have_value("")  # the form generates a name once loaded: replace it after that
     name.fill(run_name)
-    field("preset").fill("demo")
-    field("overrides").fill(json.dumps(OVERRIDES, indent=1))
-    shots["form"] = shot(page, "prefect-benchmark-form", full_page=True)
+    shown = {"pretrain.steps": form_field(page, PRETRAIN_STEPS).input_value()}
+    shots["form"] = shot(page, "prefect-benchmark-form")  # the top of the form: experiment, model, pre-training
+    for path, (description, value) in TYPED.items():
+        shown[path] = form_field(page, description).input_value()
+        form_field(page, description).fill(str(value))
+    form_field(page, TYPED["pretrain.lr"][0]).scroll_into_view_if_needed()
+    shots["form-typed"] = shot(page, "prefect-benchmark-form-typed")
     page.get_by_role("button", name="Submit").click()
-    expect(page).to_have_url(re.compile(r"/deployments/deployment/[^/]+\?tab=Runs"))  # back on the deployment
+    back = re.compile(r"/deployments/deployment/[^/]+\?tab=Runs")  # submitted: back on the deployment
+    expect(page).to_have_url(back, timeout=30_000)
 
-    flow_run = wait_for_flow_run(stack.api, {"name": {"any_": [run_name]}})
+    submitted = wait_for_flow_run(stack.api, {"name": {"any_": [run_name]}}, terminal=False)
+    flow_run, progress = watch_progress(stack.api, submitted["id"])
     client = MlflowClient(stack.mlflow)
     experiment = client.get_experiment_by_name(EXPERIMENT)
     parents = (
@@ -152,6 +191,9 @@ def ui_run(served_stack, browser) -> dict[str, Any]:
     context.close()
     return {
         "flow_run": flow_run,
+        "deployment": deployment,
+        "shown": shown,
+        "progress": progress,
         "parents": parents,
         "deployments_page": listed,
         "completed_page": completed_page,
@@ -195,16 +237,32 @@ def _run_page(page, stack, flow_run: dict[str, Any], shots: dict[str, Path]) -> 
 def test_custom_benchmark_run_from_the_prefect_ui_lands_in_mlflow(served_stack, ui_run):
     flow_run = ui_run["flow_run"]
     assert flow_run["state_type"] == "COMPLETED", served_stack.serve_log.read_text()[-6000:]
-    assert flow_run["parameters"]["preset"] == "demo"
-    assert flow_run["parameters"]["overrides"] == OVERRIDES  # the form sent exactly what was typed
-    # the deployments page lists every deployment, with the nightly evaluation's cron schedule
-    assert all(n in ui_run["deployments_page"] for n in ("benchmark", "transfer-eval-nightly", "prepare-datasets"))
+    default = ui_run["deployment"]["parameters"]["spec"]
+    # the form showed the preset's values, and sent them with exactly the two typed changes
+    assert ui_run["shown"] == {
+        "pretrain.steps": str(SERVED_DEMO["pretrain.steps"]),
+        "pretrain.lr": str(default["pretrain"]["lr"]),
+        "transfer.finetune.steps": str(SERVED_DEMO["transfer.finetune.steps"]),
+    }
+    sent, before = leaves(flow_run["parameters"]["spec"]), leaves(default)
+    changed = {k: sent.get(k) for k in sent.keys() | before.keys() if sent.get(k) != before.get(k)}
+    assert changed == {path: value for path, (_, value) in TYPED.items()}
+    assert set(flow_run["parameters"]) <= {"spec", "dispatch"} and flow_run["parameters"].get("dispatch") is None
+    assert "preset:demo" in flow_run["tags"]
+    # the pre-training's progress artifact moved while it trained, and ended at 100
+    assert any(0 < p < 100 for p in ui_run["progress"]) and ui_run["progress"][-1] == 100, ui_run["progress"]
+    # the deployments page lists a deployment per preset and the others, with the nightly evaluation's schedule
+    names = ("benchmark", "prepare-datasets", "demo", "paper-b16-i1k", "transfer-eval-nightly")
+    assert all(n in ui_run["deployments_page"] for n in names)
+    assert f"{len(definitions())} Deployments" in ui_run["deployments_page"]
     assert "At 02:00 AM every day" in ui_run["deployments_page"]
     assert ui_run["run_name"] in ui_run["completed_page"] and "Completed" in ui_run["completed_page"]
 
     (parent,) = ui_run["parents"]
     assert parent.info.status == "FINISHED"
-    assert parent.data.params["transfer.finetune.steps"] == "6" and parent.data.params["pretrain.steps"] == "16"
+    assert parent.data.params["transfer.finetune.steps"] == "8" and parent.data.params["pretrain.lr"] == "0.004"
+    assert parent.data.params["pretrain.steps"] == "150" and parent.data.tags["vitflow.preset"] == "demo"
+    assert parent.info.run_name.startswith("demo vit_micro_4 ")  # preset, model, date
     assert parent.data.tags["vitflow.results_uri"].startswith(f"s3://{SERVED_BUCKET}/vitflow/runs/")
     client = MlflowClient(served_stack.mlflow)
     children = {
@@ -220,7 +278,7 @@ def test_custom_benchmark_run_from_the_prefect_ui_lands_in_mlflow(served_stack, 
         f"fewshot:{BENCH}",
         "aggregate",
     } <= set(children)
-    assert not any(n.endswith(":scratch") for n in children)  # the override turned the baseline off
+    assert not any(n.endswith(":scratch") for n in children)  # `vitflow deploy --set` turned the baseline off
     assert all(r.info.status == "FINISHED" for r in children.values())
     assert 0.0 <= children[STAGES[1]].data.metrics["test/top1"] <= 1.0
     assert "fewshot/synth/natural_objects/5shot" in children[f"fewshot:{BENCH}"].data.metrics
@@ -296,15 +354,55 @@ def _set_state(api: str, flow_run_id: str, state: dict[str, str]) -> None:
     api_post(f"{api}/flow_runs/{flow_run_id}/set_state", {"state": state, "force": True})
 
 
+def _flow_run_count(api: str, deployment: dict[str, Any]) -> int:
+    body = {"deployments": {"id": {"any_": [deployment["id"]]}}}
+    return len(api_post(f"{api}/flow_runs/filter", body))
+
+
+def test_the_form_refuses_zero_pretraining_steps_before_a_run_starts(served_stack, ui_run, page):
+    from playwright.sync_api import expect
+
+    deployment = ui_run["deployment"]
+    runs_before = _flow_run_count(served_stack.api, deployment)
+    open_custom_run(page, served_stack, deployment)
+    form_field(page, PRETRAIN_STEPS).fill("0")
+    page.get_by_role("button", name="Submit").click()
+    refused = page.get_by_text("Validation failed for field 'spec.pretrain.steps'").first
+    expect(refused).to_be_visible()
+    assert "0 is less than or equal to the minimum of 0" in refused.inner_text()
+    form_field(page, PRETRAIN_STEPS).scroll_into_view_if_needed()
+    shot(page, "prefect-benchmark-form-refused")
+    assert "/run" in page.url  # still on the form
+    assert _flow_run_count(served_stack.api, deployment) == runs_before  # no flow run was created
+
+
+@pytest.mark.parametrize(("path", "value"), [("steps", 0), ("lr", -1e-3)])
+def test_the_api_refuses_a_spec_out_of_range_before_a_run_starts(served_stack, ui_run, path, value):
+    deployment = ui_run["deployment"]
+    spec = json.loads(json.dumps(deployment["parameters"]["spec"]))
+    spec["pretrain"][path] = value
+    runs_before = _flow_run_count(served_stack.api, deployment)
+    url = f"{served_stack.api}/deployments/{deployment['id']}/create_flow_run"
+    with pytest.raises(urllib.error.HTTPError) as refused:
+        api_post(url, {"parameters": {"spec": spec}})
+    # enforce_parameter_schema: Prefect checks the form's schema and answers 409 (its code for parameters refused)
+    assert refused.value.code == 409
+    assert f"Validation failed for field 'spec.pretrain.{path}'" in refused.value.read().decode()
+    assert _flow_run_count(served_stack.api, deployment) == runs_before
+
+
+def _pretrain_runs(tracking: str, flow_run_id: str) -> list[Any]:
+    return [r for r in _flow_runs_mlflow(tracking, flow_run_id) if r.info.run_name.startswith("pretrain")]
+
+
 def test_cancel_kills_the_mlflow_runs_and_retry_continues_the_same_parent(served_stack, ui_run):
     """Cancel a running benchmark (a long pre-training): its MLflow runs end KILLED; Retry (what the UI's Retry
-    button sends) runs the same flow run again, under the same parent MLflow run."""
+    button sends) runs the same flow run again, under the same parent MLflow run and the same pre-training run."""
     api = served_stack.api
-    (deployment,) = api_post(f"{api}/deployments/filter", {"deployments": {"name": {"any_": ["benchmark"]}}})
-    overrides = {**OVERRIDES, "pretrain.steps": 100_000, "pretrain.warmup_steps": 10}
-    flow_run = api_post(
-        f"{api}/deployments/{deployment['id']}/create_flow_run", {"parameters": {"overrides": overrides}}
-    )
+    deployment = ui_run["deployment"]
+    spec = json.loads(json.dumps(deployment["parameters"]["spec"]))  # a typed spec, as the form sends it
+    spec["pretrain"].update(steps=100_000, warmup_steps=10)
+    flow_run = api_post(f"{api}/deployments/{deployment['id']}/create_flow_run", {"parameters": {"spec": spec}})
 
     def running_pretrain() -> list[Any]:
         runs = _flow_runs_mlflow(served_stack.mlflow, flow_run["id"])
@@ -326,6 +424,7 @@ def test_cancel_kills_the_mlflow_runs_and_retry_continues_the_same_parent(served
     assert {s for n, s in status.items() if n.startswith("prepare:")} == {"FINISHED"}  # done before the cancel
     (parent,) = [r for r in runs if r.data.tags["vitflow.stage"] == "flow"]
     assert parent.info.run_name.startswith("demo vit_micro_4 ")  # preset, model, date
+    (pretrain,) = _pretrain_runs(served_stack.mlflow, flow_run["id"])
 
     _set_state(api, flow_run["id"], {"type": "SCHEDULED", "name": "AwaitingRetry"})
     _wait(running_pretrain, "the retried pre-training running", timeout=240)
@@ -333,5 +432,7 @@ def test_cancel_kills_the_mlflow_runs_and_retry_continues_the_same_parent(served
         r for r in _flow_runs_mlflow(served_stack.mlflow, flow_run["id"]) if r.data.tags["vitflow.stage"] == "flow"
     ]
     assert [p.info.run_id for p in parents] == [parent.info.run_id] and parents[0].info.status == "RUNNING"
+    # the retried pre-training logs on under its own earlier run: one loss curve across both attempts
+    assert [r.info.run_id for r in _pretrain_runs(served_stack.mlflow, flow_run["id"])] == [pretrain.info.run_id]
     _set_state(api, flow_run["id"], {"type": "CANCELLING"})
     wait_for_flow_run(api, {"id": {"any_": [flow_run["id"]]}})

@@ -53,6 +53,7 @@ def pool(tmp_path_factory, moto_endpoint) -> Iterator[Pool]:
     import torch
 
     import vit
+    from flows.deployments import definitions
     from vit import storage
     from vit.checkpoints import save_checkpoint
 
@@ -85,7 +86,7 @@ def pool(tmp_path_factory, moto_endpoint) -> Iterator[Pool]:
             timeout=300,
         )
         assert deployed.returncode == 0, deployed.stdout[-4000:] + deployed.stderr[-4000:]
-        assert deployed.stdout.count("successfully created") == 5, deployed.stdout
+        assert deployed.stdout.count("successfully created") == len(definitions()), deployed.stdout
         wait_until(lambda: online_workers(api) == set(WORKERS), "workers", watch)
         yield Pool(api, mlflow_url, s3, init)
 
