@@ -443,8 +443,8 @@ def deploy(
     (`--set PRESET:path=value` changes those defaults: a team's own, e.g. its data paths); transfer-eval-nightly
     (cron 02:00 UTC; `VITFLOW_NIGHTLY_MODEL`, `VITFLOW_NIGHTLY_CRON`); one `scaling` deployment per scaling
     preset (scaling, scaling-i21k, bit-vs-vit; the form is the preset's study); and the train-stage /
-    fewshot-stage jobs used by `dispatch=deployments`. Runs until interrupted. With `--work-pool`, registers them on that pool for
-    workers instead (see infra/prefect.yaml)."""
+    fewshot-stage jobs used by `dispatch=deployments`. Runs until interrupted. With `--work-pool`, registers them
+    on that pool for workers instead (see infra/prefect.yaml)."""
     from flows.automations import ensure_nightly_notification
     from flows.deployments import definitions, runner_deployments, serve
 
