@@ -112,7 +112,11 @@ def pretrain_config(spec: BenchmarkSpec, dataset_uri: str) -> tuple[TrainConfig,
             head_bias_init=p.head_bias_init,
         ),
         data=DataConfig(
-            dataset=dataset_uri, train_split="train", train_transform="pretrain", num_workers=spec.compute.num_workers
+            dataset=dataset_uri,
+            train_split="train",
+            eval_split=p.eval_split,
+            train_transform=p.train_transform,
+            num_workers=spec.compute.num_workers,
         ),
         optim=OptimConfig(
             name="adam",

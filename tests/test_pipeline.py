@@ -17,9 +17,11 @@ from pathlib import Path
 import pytest
 from mlflow import MlflowClient
 
+from tests.helpers import SYNTHETIC_DEMO_SETS, synthetic_benchmarks
 from vit import storage
 
 SMALL = [
+    *SYNTHETIC_DEMO_SETS,
     "pretrain.steps=24",
     "pretrain.batch_size=32",
     "pretrain.warmup_steps=4",
@@ -41,11 +43,7 @@ def small_spec(artifact_root: str, tracking_uri: str, experiment: str = "pipelin
         "demo",
         [*SMALL, f"artifact_root={artifact_root}", f"tracking_uri={tracking_uri}", f"experiment={experiment}", *extra],
     )
-    benches = [
-        b.model_copy(update={"dataset": b.dataset.model_copy(update={"options": {"size": 32, "test": 60}})})
-        for b in spec.transfer.benchmarks
-        if b.name in ("synth/natural_objects", "synth/structured_count")
-    ]
+    benches = synthetic_benchmarks(("synth/natural_objects", "synth/structured_count"), size=32, test=60)
     return spec.model_copy(update={"transfer": spec.transfer.model_copy(update={"benchmarks": benches})})
 
 

@@ -21,6 +21,7 @@ from typing import Any
 import pytest
 from mlflow import MlflowClient
 
+from tests.helpers import SYNTHETIC_DEMO
 from tests.servers import REPO, SERVED_BUCKET, api_post, wait_for_flow_run
 
 pytest_plugins = ["tests.servers"]
@@ -42,6 +43,7 @@ BENCH = "synth/natural_objects"
 LR = 0.01
 # What a person types into the `overrides` field: the demo preset made small (one benchmark, a few steps).
 OVERRIDES = {
+    **SYNTHETIC_DEMO,
     "experiment": EXPERIMENT,
     "pretrain.steps": 16,
     "pretrain.batch_size": 32,
