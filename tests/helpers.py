@@ -24,12 +24,13 @@ def images(n: int = 2, size: int | tuple[int, int] = 64, seed: int = 0) -> torch
     return torch.rand(n, 3, h, w, generator=torch.Generator().manual_seed(seed)) * 2 - 1
 
 
-# The demo preset on its synthetic upstream set with one fine-tuning seed: what the end-to-end tests override it
-# with, so they keep their small, fast shape whatever data the demo itself reads (Fashion-MNIST when installed).
+# The demo preset on its synthetic upstream set, one fine-tuning seed at lr 0.03: what the end-to-end tests
+# override it with, so they keep their small, fast shape whatever data the demo itself reads (Fashion-MNIST).
 SYNTHETIC_DEMO: dict[str, object] = {
     "pretrain.dataset.name": "synthetic-upstream",
     "pretrain.dataset.source": "synthetic-upstream:",
     "transfer.finetune.seeds": [0],
+    "transfer.finetune.lrs": [0.03],
 }
 SYNTHETIC_DEMO_SETS = [f"{key}={json.dumps(value)}" for key, value in SYNTHETIC_DEMO.items()]  # as --set values
 

@@ -353,7 +353,7 @@ def test_fashion_mnist_held_out_classes_in_vtab1k_splits(tmp_path):
     the official test images of those classes."""
     if not (FASHION_MNIST / "train-images-idx3-ubyte.gz").exists():
         pytest.skip(f"Fashion-MNIST IDX files not installed in {FASHION_MNIST} (Debian package dataset-fashion-mnist)")
-    ds = prepare(f"fashion-mnist:{FASHION_MNIST}", tmp_path, classes="5-9", vtab1k=True, max_test=500)
+    ds = prepare(f"fashion-mnist:{FASHION_MNIST}", tmp_path, keep_classes="5-9", vtab1k=True, max_test=500)
     assert ds.classes == ["Sandal", "Shirt", "Sneaker", "Bag", "Ankle boot"]
     assert (ds.count("train800"), ds.count("val200"), ds.count("train800val200"), ds.count("test")) == (
         800,
@@ -371,18 +371,18 @@ def test_fashion_mnist_held_out_classes_in_vtab1k_splits(tmp_path):
     assert set(test["label"]) == set(range(5))
     for key, row in test.head(20).iterrows():
         assert labels[int(key.split("-")[1])] == row["label"] + 5  # relabelled in order, from the real labels
-    again = prepare(f"fashion-mnist:{FASHION_MNIST}", tmp_path, classes="5-9", vtab1k=True, max_test=500)
+    again = prepare(f"fashion-mnist:{FASHION_MNIST}", tmp_path, keep_classes="5-9", vtab1k=True, max_test=500)
     assert again.uri == ds.uri  # seeded: the same splits, found by fingerprint
-    other = prepare(f"fashion-mnist:{FASHION_MNIST}", tmp_path, classes="0-4", max_train=100, max_test=10)
+    other = prepare(f"fashion-mnist:{FASHION_MNIST}", tmp_path, keep_classes="0-4", max_train=100, max_test=10)
     assert other.classes[0] == "T-shirt/top" and set(other.manifest("train")["label"]) <= set(range(5))
 
 
 def test_class_subset_and_vtab1k_refuse_what_they_cannot_do(tmp_path):
     root = write_fashion_mnist(tmp_path / "fm", n_train=30)
     with pytest.raises(DataError, match="classes 0-9, not 12"):
-        prepare(f"fashion-mnist:{root}", tmp_path, classes="8-12")
+        prepare(f"fashion-mnist:{root}", tmp_path, keep_classes="8-12")
     with pytest.raises(DataError, match="e.g. 5-9"):
-        prepare(f"fashion-mnist:{root}", tmp_path, classes="five")
+        prepare(f"fashion-mnist:{root}", tmp_path, keep_classes="five")
     with pytest.raises(DataError, match="train split of at least 1000"):
         prepare(f"fashion-mnist:{root}", tmp_path, vtab1k=True)
     with pytest.raises(DataError, match="give one of them"):

@@ -158,6 +158,10 @@ def test_benchmark_end_to_end_on_s3_and_mlflow_server(prefect_server, mlflow_ser
     assert [m.step for m in losses] == [10, 20, 24]
     assert pretrain.data.params["optim.lr"] == "0.002"
     assert pretrain.inputs.dataset_inputs[0].dataset.name == "synthetic-upstream"
+    # upstream accuracy: the pre-trained model's top-1 on the upstream test split, on the parent and in the table
+    upstream = parent.data.metrics["upstream/top1"]
+    assert upstream == pytest.approx(100 * pretrain.data.metrics["val/top1"])
+    assert f"upstream: synthetic-upstream, held-out top-1 {upstream:.2f}" in first.table
     final = runs["finetune:synth/natural_objects:lr=0.03"]
     assert 0.0 <= final.data.metrics["test/top1"] <= 1.0 and final.data.metrics["test/count"] == 60
     assert "fewshot/synth/natural_objects/5shot" in runs["fewshot:synth/natural_objects"].data.metrics

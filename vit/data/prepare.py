@@ -219,7 +219,7 @@ def prepare_dataset(
     existing URI without work.
 
     Options (any format): ``minival=F`` (held-out fraction of train; defaults per protocol: 1% ImageNet, 2% CIFAR,
-    10% Pets/Flowers, none otherwise), ``classes=5-9`` (keep these class ids, relabelled from 0), ``vtab1k=true``
+    10% Pets/Flowers, none otherwise), ``keep_classes=5-9`` (only these class ids, relabelled from 0), ``vtab1k=true``
     (VTAB-1k's train800 / val200 / train800val200 drawn from train; test as is), ``max_<split>=N`` (first N samples
     of a split, applied last, e.g. ``max_train=4000``), ``shard_bytes=`` and ``shard_samples=`` (shard bounds),
     ``workers=`` (decoding threads). Format options: ``real=PATH`` (imagenet), ``task=NAME`` (vtab),
@@ -258,8 +258,9 @@ def prepare_dataset(
 
 
 def _class_ids(options: dict) -> list[int] | None:
-    """Option ``classes``: class ids to keep, as ``5-9``, ``0,2,4`` or a mix (``0-2,7``), in increasing order."""
-    value = options.pop("classes", None)
+    """Option ``keep_classes``: class ids to keep, as ``5-9``, ``0,2,4`` or a mix (``0-2,7``), in increasing order
+    (not ``classes``: the synthetic generators' number of classes)."""
+    value = options.pop("keep_classes", None)
     if value is None:
         return None
     ids: set[int] = set()
@@ -268,9 +269,9 @@ def _class_ids(options: dict) -> list[int] | None:
             low, _, high = part.partition("-")
             ids.update(range(int(low), int(high or low) + 1))
     except ValueError:
-        raise DataError(f"option classes={value!r}: write class ids as e.g. 5-9 or 0,2,4") from None
+        raise DataError(f"option keep_classes={value!r}: write class ids as e.g. 5-9 or 0,2,4") from None
     if not ids:
-        raise DataError(f"option classes={value!r} names no class")
+        raise DataError(f"option keep_classes={value!r} names no class")
     return sorted(ids)
 
 
@@ -278,7 +279,7 @@ def _settings(options: dict) -> dict:
     """The preparation settings among ``options`` (taken out of it): fingerprinted with the source."""
     vtab1k = options.pop("vtab1k", False)
     subset = {  # only when given, so the fingerprints of datasets prepared without them stay as they were
-        "classes": _class_ids(options),
+        "keep_classes": _class_ids(options),
         "vtab1k": vtab1k if isinstance(vtab1k, bool) else str(vtab1k).lower() in ("1", "true", "yes"),
     }
     return {
@@ -293,7 +294,7 @@ def _settings(options: dict) -> dict:
 def _keep_classes(src: Source, ids: list[int]) -> None:
     """Only the samples of classes ``ids``, relabelled 0..len(ids)-1 in that order (e.g. held-out classes)."""
     if ids[-1] >= len(src.classes) or ids[0] < 0:
-        raise DataError(f"option classes: {src.format} has classes 0-{len(src.classes) - 1}, not {ids[-1]}")
+        raise DataError(f"option keep_classes: {src.format} has classes 0-{len(src.classes) - 1}, not {ids[-1]}")
     new = {old: i for i, old in enumerate(ids)}
     src.classes = [src.classes[i] for i in ids]
     for split, items in src.splits.items():
@@ -317,10 +318,10 @@ def _vtab1k(src: Source, seed: int) -> None:
 
 
 def _apply_settings(src: Source, settings: dict, source: str, seed: int) -> None:
-    """Keep the ``classes``, draw the ``vtab1k`` splits, cut the splits to their ``max_<split>`` and fix the
+    """Keep the ``keep_classes``, draw the ``vtab1k`` splits, cut the splits to their ``max_<split>`` and fix the
     minival fraction (the protocol's default if unset; none with vtab1k, whose val200 plays its part)."""
-    if "classes" in settings:
-        _keep_classes(src, settings["classes"])
+    if "keep_classes" in settings:
+        _keep_classes(src, settings["keep_classes"])
     if settings.get("vtab1k"):
         if settings["minival"]:
             raise DataError("option minival: vtab1k holds out val200 instead; give one of them")
