@@ -92,7 +92,7 @@ def demo() -> BenchmarkSpec:
     fine-tuned (3 seeds) and few-shot (5 seeds), to low-data tasks of held-out classes (see ``_demo_data``).
     Choices measured on Fashion-MNIST: no crops in pre-training (87.6% upstream top-1 in 600 steps, 73.1% with
     the paper's crops of 5-100% of 28 px), fine-tuning lr 0.1 (the best of 0.01-0.1 for both models), ridge l2 16
-    (big_vision's 1024 is for features 12-20x wider than these 64 and 100x more shots; both models gain)."""
+    (near the best of 16-1024 for both models; big_vision's 1024 is for features 12-20x wider than these 64)."""
     upstream, benchmarks = _demo_data()
     return BenchmarkSpec(
         experiment="demo",

@@ -53,6 +53,27 @@ def free_port() -> int:
         return s.getsockname()[1]
 
 
+def test_the_demo_runs_on_real_images_and_says_what_it_runs_without_them(monkeypatch, tmp_path, caplog):
+    """The default machine (Debian's Fashion-MNIST installed): upstream classes 0-4, held-out classes 5-9 and the
+    digits VTAB-1k style. Without the package: a warning naming it, then the synthetic upstream set and digits."""
+    import flows.presets as presets
+
+    if presets.fashion_mnist_installed():
+        spec = presets.build_spec("demo")
+        assert spec.pretrain.dataset.options == {"keep_classes": "0-4"} and spec.pretrain.eval_split == "test"
+        assert [(b.name, b.dataset.options, b.finetune) for b in spec.transfer.benchmarks] == [
+            ("fashion-mnist-5-9", {"vtab1k": True, "keep_classes": "5-9"}, True),
+            ("digits", {"vtab1k": True}, False),
+        ]
+    monkeypatch.setattr(presets, "FASHION_MNIST_DIR", tmp_path / "absent")
+    with caplog.at_level("WARNING", logger="flows.presets"):
+        spec = presets.build_spec("demo")
+    assert f"Fashion-MNIST is not installed in {tmp_path / 'absent'}" in caplog.text
+    assert spec.pretrain.dataset.source == "synthetic-upstream:"
+    assert [(b.name, b.finetune) for b in spec.transfer.benchmarks] == [("digits", True)]
+    spec.check_inputs()  # nothing it reads is missing
+
+
 @pytest.fixture(scope="module")
 def prefect_server():
     from prefect.testing.utilities import prefect_test_harness
