@@ -29,6 +29,7 @@ def images(n: int = 2, size: int | tuple[int, int] = 64, seed: int = 0) -> torch
 SYNTHETIC_DEMO: dict[str, object] = {
     "pretrain.dataset.name": "synthetic-upstream",
     "pretrain.dataset.source": "synthetic-upstream:",
+    "pretrain.dataset.options": {},  # the generator's defaults, then each test's own sizes
     "transfer.finetune.seeds": [0],
     "transfer.finetune.lrs": [0.03],
 }

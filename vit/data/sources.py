@@ -348,19 +348,18 @@ def read_digits(spec: str, options: dict, seed: int) -> Source:
     bright on black like Fashion-MNIST; the transforms resize them."""
     if spec:
         raise DataError(f"digits: takes no path (the images ship with scikit-learn), got {spec!r}")
+    import sklearn
     from sklearn.datasets import load_digits
     from sklearn.model_selection import train_test_split
 
     digits = load_digits()
     images = np.rint(digits.images * (255 / 16)).astype(np.uint8)
-    order = np.arange(len(images))
-    train, test = train_test_split(order, test_size=DIGITS_TEST, random_state=seed, stratify=digits.target)
+    ids = np.arange(len(images))
+    train, test = train_test_split(ids, test_size=DIGITS_TEST, random_state=seed, stratify=digits.target)
     splits = {
-        split: [Item(f"digits-{i:04d}", int(digits.target[i]), f"load_digits()[{i}]", images[i]) for i in sorted(ids)]
-        for split, ids in (("train", train), ("test", test))
+        split: [Item(f"digits-{i:04d}", int(digits.target[i]), f"load_digits()[{i}]", images[i]) for i in sorted(part)]
+        for split, part in (("train", train), ("test", test))
     }
-    import sklearn
-
     listing = [(f"scikit-learn-{sklearn.__version__}/load_digits", int(images.size), 0)]
     return Source("digits", "sklearn.datasets.load_digits", [str(c) for c in range(10)], splits, listing)
 
