@@ -58,20 +58,25 @@ def test_the_demo_runs_on_real_images_and_says_what_it_runs_without_them(monkeyp
     digits VTAB-1k style. Without the package: a warning naming it, then the synthetic upstream set and digits."""
     import flows.presets as presets
 
-    if presets.fashion_mnist_installed():
-        spec = presets.build_spec("demo")
-        assert spec.pretrain.dataset.options == {"keep_classes": "0-4"} and spec.pretrain.eval_split == "test"
-        assert [(b.name, b.dataset.options, b.finetune) for b in spec.transfer.benchmarks] == [
-            ("fashion-mnist-5-9", {"vtab1k": True, "keep_classes": "5-9"}, True),
-            ("digits", {"vtab1k": True}, False),
-        ]
-    monkeypatch.setattr(presets, "FASHION_MNIST_DIR", tmp_path / "absent")
-    with caplog.at_level("WARNING", logger="flows.presets"):
+    installed = presets.fashion_mnist_installed()
+    with monkeypatch.context() as patch, caplog.at_level("WARNING", logger="flows.presets"):
+        patch.setattr(presets, "FASHION_MNIST_DIR", tmp_path / "absent")
         spec = presets.build_spec("demo")
     assert f"Fashion-MNIST is not installed in {tmp_path / 'absent'}" in caplog.text
     assert spec.pretrain.dataset.source == "synthetic-upstream:"
     assert [(b.name, b.finetune) for b in spec.transfer.benchmarks] == [("digits", True)]
     spec.check_inputs()  # nothing it reads is missing
+    if installed:
+        from flows import plan  # imports Prefect, whose logging set-up replaces caplog's handler: after it
+
+        spec = presets.build_spec("demo")
+        assert spec.pretrain.dataset.options == {"keep_classes": "0-4"}
+        data = plan.pretrain_config(spec, "file:///upstream")[0].data
+        assert (data.train_transform, data.eval_split) == ("eval", "test")  # whole images; top-1 on the test split
+        assert [(b.name, b.dataset.options, b.finetune) for b in spec.transfer.benchmarks] == [
+            ("fashion-mnist-5-9", {"vtab1k": True, "keep_classes": "5-9"}, True),
+            ("digits", {"vtab1k": True}, False),
+        ]
 
 
 @pytest.fixture(scope="module")
