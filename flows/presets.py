@@ -9,6 +9,7 @@ each ``dataset.source``); ``finetune-official`` starts from an official checkpoi
 
 from __future__ import annotations
 
+import logging
 import os
 from collections.abc import Callable
 from pathlib import Path
@@ -53,47 +54,71 @@ def synthetic_suite(size: int = 32, test: int = 500) -> list[BenchmarkItem]:
     ]
 
 
+DEMO_SIZE = 28  # Fashion-MNIST's own resolution: 7 x 7 patches of 4 px for vit_micro_4
+
+
+def fashion_mnist_installed() -> bool:
+    return (FASHION_MNIST_DIR / "train-images-idx3-ubyte.gz").exists()
+
+
+def _vtab1k_item(name: str, source: str, finetune: bool = True, **options: str | int | bool) -> BenchmarkItem:
+    """A low-data downstream task in VTAB-1k's protocol: 800 train + 200 val drawn from train, the official test."""
+    dataset = DatasetSpec(name=f"{name}-1k", source=source, options={"vtab1k": True, **options})
+    return BenchmarkItem(name=name, dataset=dataset, protocol="vtab", finetune=finetune)
+
+
+def _demo_data() -> tuple[DatasetSpec, list[BenchmarkItem]]:
+    """Real images when Debian's ``dataset-fashion-mnist`` is installed: pre-train on Fashion-MNIST's classes 0-4
+    (T-shirt .. Coat, 30,000 images), transfer to its held-out classes 5-9 (Sandal .. Ankle boot), fine-tuned and
+    few-shot, and few-shot to scikit-learn's handwritten digits (fine-tuned on 1,000 labels, the random model
+    catches up: 96.5% vs 96.0%), both VTAB-1k style. Without it: the synthetic upstream set, then digits."""
+    if fashion_mnist_installed():
+        source = f"fashion-mnist:{FASHION_MNIST_DIR}"
+        upstream = DatasetSpec(name="fashion-mnist-0-4", source=source, options={"keep_classes": "0-4"})
+        held_out = _vtab1k_item("fashion-mnist-5-9", source, keep_classes="5-9")
+        return upstream, [held_out, _vtab1k_item("digits", "digits:", finetune=False)]
+    logging.getLogger(__name__).warning(
+        "demo: Fashion-MNIST is not installed in %s (Debian package dataset-fashion-mnist); pre-training on the "
+        "synthetic upstream set instead and transferring to scikit-learn's digits only",
+        FASHION_MNIST_DIR,
+    )
+    options = {"classes": 100, "per_class": 100, "size": DEMO_SIZE}
+    synthetic = DatasetSpec(name="synthetic-upstream", source="synthetic-upstream:", options=options)
+    return synthetic, [_vtab1k_item("digits", "digits:")]
+
+
 def demo() -> BenchmarkSpec:
-    """Offline CPU demo (≤ 10 minutes on 2 cores): pre-train a micro ViT on the synthetic upstream set at 32 px,
-    transfer to the synthetic VTAB-like suite (+ Fashion-MNIST when its files are installed) at 40 px, few-shot,
-    and the same fine-tunes from random initialisation for comparison."""
-    benchmarks = synthetic_suite()
-    if (FASHION_MNIST_DIR / "train-images-idx3-ubyte.gz").exists():
-        benchmarks.append(
-            BenchmarkItem(
-                name="fashion-mnist",
-                dataset=DatasetSpec(
-                    name="fashion-mnist",
-                    source=f"fashion-mnist:{FASHION_MNIST_DIR}",
-                    options={"max_train": 4000, "max_test": 1000},
-                ),
-                protocol="cifar10",
-            )
-        )
+    """Offline CPU demo (≤ 10 minutes on 2 cores) of the paper's claim on real images: a micro ViT pre-trained on
+    an upstream set (its held-out top-1 measured) transfers better than the same model trained from scratch,
+    fine-tuned (3 seeds) and few-shot (5 seeds), to low-data tasks of held-out classes (see ``_demo_data``).
+    Choices measured on Fashion-MNIST: no crops in pre-training (87.6% upstream top-1 in 600 steps, 73.1% with
+    the paper's crops of 5-100% of 28 px), fine-tuning lr 0.1 (the best of 0.01-0.1 for both models), ridge l2 16
+    (near the best of 16-1024 for both models; big_vision's 1024 is for features 12-20x wider than these 64)."""
+    upstream, benchmarks = _demo_data()
     return BenchmarkSpec(
         experiment="demo",
         model=ModelSpec(name="vit_micro_4"),
         pretrain=PretrainSpec(
-            dataset=DatasetSpec(
-                name="synthetic-upstream",
-                source="synthetic-upstream:",
-                options={"classes": 100, "per_class": 100, "size": 32},
-            ),
-            image_size=32,
-            steps=300,
+            dataset=upstream,
+            train_transform="eval",
+            eval_split="test",
+            image_size=DEMO_SIZE,
+            steps=600,
             batch_size=128,
             lr=2e-3,
             weight_decay=0.03,
-            warmup_steps=30,
-            loss="softmax",  # learns in 300 steps what the paper's sigmoid loss needs far more steps for
+            warmup_steps=60,
+            loss="softmax",  # learns in minutes what the paper's sigmoid loss needs far more steps for
             pre_logits=False,
             dropout=0.0,
             checkpoint_every_minutes=1.0,
         ),
         transfer=TransferSpec(
             benchmarks=benchmarks,
-            finetune=FinetuneSpec(image_size=40, batch_size=32, steps=50, lrs=[0.03], warmup_steps=5, sweep=False),
-            fewshot=FewshotSpec(shots=[1, 5, 10, 25], seeds=[0, 1, 2]),
+            finetune=FinetuneSpec(
+                image_size=DEMO_SIZE, batch_size=64, steps=300, lrs=[0.1], warmup_steps=30, sweep=False, seeds=[0, 1, 2]
+            ),
+            fewshot=FewshotSpec(shots=[1, 5, 10, 25], seeds=[0, 1, 2, 3, 4], l2=16.0),
             from_scratch_baseline=True,
         ),
         compute=ComputeSpec(device="cpu", max_parallel=2, threads_per_job=1),

@@ -12,7 +12,7 @@ from typing import Any
 
 from flows.presets import I21K, _file_dataset, _paper_transfer, demo, synthetic_suite
 from flows.scaling_spec import FULL, ScalingPlotSpec, ScalingSpec
-from flows.specs import BenchmarkSpec, ComputeSpec, FewshotSpec, FinetuneSpec, ModelSpec, PretrainSpec
+from flows.specs import BenchmarkSpec, ComputeSpec, DatasetSpec, FewshotSpec, FinetuneSpec, ModelSpec, PretrainSpec
 from vit.overrides import apply_overrides
 
 BIT_VS_VIT_MODELS = ("vit_micro_4", "bit_micro")  # 21.8 and 21.4 MFLOPs per 32 px image: matched compute
@@ -20,7 +20,8 @@ SCALING_TASKS = ("synth/natural_objects", "synth/natural_fine", "synth/structure
 
 
 def _cpu_base(experiment: str) -> BenchmarkSpec:
-    """The demo's upstream set and recipe, no from-scratch baseline, few-shot on three synthetic tasks."""
+    """The demo's recipe on the synthetic upstream set at 32 px (100 classes x 100 images, so the nested subsets
+    are of one known size on every machine), no from-scratch baseline, few-shot on three synthetic tasks."""
     spec = demo()
     benchmarks = [b for b in synthetic_suite() if b.name in SCALING_TASKS]
     transfer = spec.transfer.model_copy(
@@ -31,7 +32,22 @@ def _cpu_base(experiment: str) -> BenchmarkSpec:
             "from_scratch_baseline": False,
         }
     )
-    pretrain = spec.pretrain.model_copy(update={"steps": 200, "batch_size": 64, "warmup_steps": 20})
+    upstream = DatasetSpec(
+        name="synthetic-upstream",
+        source="synthetic-upstream:",
+        options={"classes": 100, "per_class": 100, "size": 32},
+    )
+    pretrain = spec.pretrain.model_copy(
+        update={
+            "dataset": upstream,
+            "image_size": 32,
+            "train_transform": "pretrain",
+            "eval_split": None,
+            "steps": 200,
+            "batch_size": 64,
+            "warmup_steps": 20,
+        }
+    )
     return spec.model_copy(
         update={"experiment": experiment, "transfer": transfer, "pretrain": pretrain, "analysis": spec.analysis}
     )

@@ -150,6 +150,14 @@ class PretrainSpec(Spec):
     head_bias_init: float | None = Field(None, description="initial head bias (None: -10 for the sigmoid loss, else 0)")
     pre_logits: bool = Field(True, description="the tanh pre-logits layer of width D (paper §3.1)")
     dropout: float | None = Field(0.1, ge=0, lt=1, description="dropout rate (None: the variant's default)")
+    train_transform: Literal["pretrain", "eval"] = Field(
+        "pretrain",
+        description="pretrain: the paper's random crop (5-100% of the area) and flip; eval: the whole image, "
+        "unaugmented (for short schedules on small images, where such crops leave too little to learn from)",
+    )
+    eval_split: str | None = Field(
+        None, description="a held-out split of the upstream set the pre-trained model's top-1 is measured on"
+    )
     checkpoint_every_minutes: float = Field(30.0, gt=0, description="save a resumable checkpoint this often")
     registered_model: str | None = Field(
         None, description="MLflow registered model (default: EXPERIMENT-MODEL, e.g. demo-vit_micro_4)"

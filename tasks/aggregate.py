@@ -213,10 +213,15 @@ def aggregate_task(stage: AggregateStage) -> RunSummary:
         records = result_records(run_id, stage.model_name, stage.pretrain_name, stage.results)
         df = results_frame(pd.DataFrame(records, columns=list(RESULT_COLUMNS)))
         headline = log_results_to_parent(tracker, ctx, df, stage.groups)
+        upstream = _upstream_top1(stage, tracker)
+        headline.update(upstream)
         _publish(stage, df, headline, target, tracker, run, run_id)
         tracker.log_metrics(run, headline)
         summary = _summary_table(df)
         table = to_markdown(summary, index=False)  # printed by the CLI; the rows are the run page's table
+        if upstream:
+            top1 = upstream[UPSTREAM_METRIC]
+            table += f"\n\nupstream: {stage.pretrain_name}, held-out top-1 {top1:.2f} (the pre-trained model)"
         logger.info("results of %s: %d rows (the flow run's `results-table` artifact)", stage.experiment, len(df))
     except BaseException:
         tracker.finish(run, "FAILED")
@@ -277,6 +282,21 @@ def upload_outputs(
         tracker.log_artifact(run, path, str(Path(rel).parent) if "/" in rel else None)
         if parent_run is not None and path.name in parent_files:
             tracker.log_artifact(parent_run, path, None)
+
+
+UPSTREAM_METRIC = "upstream/top1"
+
+
+def _upstream_top1(stage: AggregateStage, tracker: Tracker) -> dict[str, float]:
+    """The pre-trained model's top-1 (%) on the upstream set's held-out split (``pretrain.eval_split``), also on
+    the parent run: how well pre-training learnt, next to how well it transfers. Empty when not measured."""
+    top1 = stage.pretrained.metrics.get("val/top1") if stage.pretrained else None
+    if top1 is None:
+        return {}
+    metric = {UPSTREAM_METRIC: 100 * top1}
+    if stage.tracking.parent_run_id:
+        tracker.log_metrics(tracker.existing_run(stage.tracking.parent_run_id, "parent"), metric)
+    return metric
 
 
 def _summary_table(df: pd.DataFrame) -> pd.DataFrame:

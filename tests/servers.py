@@ -59,6 +59,7 @@ SERVED_DEMO = {
     "transfer.finetune.steps": 6,
     "transfer.finetune.batch_size": 16,
     "transfer.finetune.lrs": [0.01],
+    "transfer.finetune.seeds": [0],
     "transfer.finetune.sweep": False,
     "transfer.fewshot.shots": [1, 5],
     "transfer.fewshot.seeds": [0],

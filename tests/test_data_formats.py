@@ -348,6 +348,68 @@ def test_fashion_mnist_real_images(tmp_path):
         np.testing.assert_array_equal(decoded(ds, "test", [f"t10k-{i:05d}"])[0][..., 1], images[i])
 
 
+def test_fashion_mnist_held_out_classes_in_vtab1k_splits(tmp_path):
+    """The demo's downstream task: real IDX files, classes 5-9 relabelled 0-4, VTAB-1k's 800 + 200 from train,
+    the official test images of those classes."""
+    if not (FASHION_MNIST / "train-images-idx3-ubyte.gz").exists():
+        pytest.skip(f"Fashion-MNIST IDX files not installed in {FASHION_MNIST} (Debian package dataset-fashion-mnist)")
+    ds = prepare(f"fashion-mnist:{FASHION_MNIST}", tmp_path, keep_classes="5-9", vtab1k=True, max_test=500)
+    assert ds.classes == ["Sandal", "Shirt", "Sneaker", "Bag", "Ankle boot"]
+    assert (ds.count("train800"), ds.count("val200"), ds.count("train800val200"), ds.count("test")) == (
+        800,
+        200,
+        1000,
+        500,
+    )
+    assert "train" not in ds.splits and "minival" not in ds.splits
+    train = set(ds.manifest("train800")["key"])
+    assert train.isdisjoint(ds.manifest("val200")["key"]) and all(k.startswith("train-") for k in train)
+    labels = np.frombuffer(
+        gzip.decompress((FASHION_MNIST / "t10k-labels-idx1-ubyte.gz").read_bytes()), np.uint8, offset=8
+    )
+    test = by_key(ds, "test")
+    assert set(test["label"]) == set(range(5))
+    for key, row in test.head(20).iterrows():
+        assert labels[int(key.split("-")[1])] == row["label"] + 5  # relabelled in order, from the real labels
+    again = prepare(f"fashion-mnist:{FASHION_MNIST}", tmp_path, keep_classes="5-9", vtab1k=True, max_test=500)
+    assert again.uri == ds.uri  # seeded: the same splits, found by fingerprint
+    other = prepare(f"fashion-mnist:{FASHION_MNIST}", tmp_path, keep_classes="0-4", max_train=100, max_test=10)
+    assert other.classes[0] == "T-shirt/top" and set(other.manifest("train")["label"]) <= set(range(5))
+
+
+def test_class_subset_and_vtab1k_refuse_what_they_cannot_do(tmp_path):
+    root = write_fashion_mnist(tmp_path / "fm", n_train=30)
+    with pytest.raises(DataError, match="classes 0-9, not 12"):
+        prepare(f"fashion-mnist:{root}", tmp_path, keep_classes="8-12")
+    with pytest.raises(DataError, match="e.g. 5-9"):
+        prepare(f"fashion-mnist:{root}", tmp_path, keep_classes="five")
+    with pytest.raises(DataError, match="train split of at least 1000"):
+        prepare(f"fashion-mnist:{root}", tmp_path, vtab1k=True)
+    with pytest.raises(DataError, match="give one of them"):
+        prepare("digits:", tmp_path, vtab1k=True, minival=0.1)
+
+
+def test_scikit_learn_digits_are_real_scans_in_vtab1k_splits(tmp_path):
+    from sklearn.datasets import load_digits
+
+    ds = prepare("digits:", tmp_path, vtab1k=True)
+    assert ds.classes == [str(d) for d in range(10)]
+    assert (ds.count("train800"), ds.count("val200"), ds.count("test")) == (800, 200, 797)
+    keys = set(ds.manifest("train800val200")["key"])
+    assert keys.isdisjoint(ds.manifest("test")["key"]) and len(keys | set(ds.manifest("test")["key"])) == 1797
+    assert ds.manifest("test")["label"].value_counts().min() >= 75  # stratified
+    digits = load_digits()
+    test = by_key(ds, "test")
+    for key in test.index[:5]:
+        i = int(key.split("-")[1])
+        assert test.loc[key, "label"] == digits.target[i]
+        got = decoded(ds, "test", [key])[0]
+        assert got.shape == (8, 8, 3)
+        np.testing.assert_array_equal(got[..., 0], np.rint(digits.images[i] * 255 / 16).astype(np.uint8))
+    with pytest.raises(DataError, match="takes no path"):
+        prepare("digits:/somewhere", tmp_path)
+
+
 # --------------------------------------------------------------------------------------------------------------
 # Annotated formats
 

@@ -17,9 +17,11 @@ from pathlib import Path
 import pytest
 from mlflow import MlflowClient
 
+from tests.helpers import SYNTHETIC_DEMO_SETS, synthetic_benchmarks
 from vit import storage
 
 SMALL = [
+    *SYNTHETIC_DEMO_SETS,
     "pretrain.steps=24",
     "pretrain.batch_size=32",
     "pretrain.warmup_steps=4",
@@ -41,11 +43,7 @@ def small_spec(artifact_root: str, tracking_uri: str, experiment: str = "pipelin
         "demo",
         [*SMALL, f"artifact_root={artifact_root}", f"tracking_uri={tracking_uri}", f"experiment={experiment}", *extra],
     )
-    benches = [
-        b.model_copy(update={"dataset": b.dataset.model_copy(update={"options": {"size": 32, "test": 60}})})
-        for b in spec.transfer.benchmarks
-        if b.name in ("synth/natural_objects", "synth/structured_count")
-    ]
+    benches = synthetic_benchmarks(("synth/natural_objects", "synth/structured_count"), size=32, test=60)
     return spec.model_copy(update={"transfer": spec.transfer.model_copy(update={"benchmarks": benches})})
 
 
@@ -53,6 +51,32 @@ def free_port() -> int:
     with socket.socket() as s:
         s.bind(("127.0.0.1", 0))
         return s.getsockname()[1]
+
+
+def test_the_demo_runs_on_real_images_and_says_what_it_runs_without_them(monkeypatch, tmp_path, caplog):
+    """The default machine (Debian's Fashion-MNIST installed): upstream classes 0-4, held-out classes 5-9 and the
+    digits VTAB-1k style. Without the package: a warning naming it, then the synthetic upstream set and digits."""
+    import flows.presets as presets
+
+    installed = presets.fashion_mnist_installed()
+    with monkeypatch.context() as patch, caplog.at_level("WARNING", logger="flows.presets"):
+        patch.setattr(presets, "FASHION_MNIST_DIR", tmp_path / "absent")
+        spec = presets.build_spec("demo")
+    assert f"Fashion-MNIST is not installed in {tmp_path / 'absent'}" in caplog.text
+    assert spec.pretrain.dataset.source == "synthetic-upstream:"
+    assert [(b.name, b.finetune) for b in spec.transfer.benchmarks] == [("digits", True)]
+    spec.check_inputs()  # nothing it reads is missing
+    if installed:
+        from flows import plan  # imports Prefect, whose logging set-up replaces caplog's handler: after it
+
+        spec = presets.build_spec("demo")
+        assert spec.pretrain.dataset.options == {"keep_classes": "0-4"}
+        data = plan.pretrain_config(spec, "file:///upstream")[0].data
+        assert (data.train_transform, data.eval_split) == ("eval", "test")  # whole images; top-1 on the test split
+        assert [(b.name, b.dataset.options, b.finetune) for b in spec.transfer.benchmarks] == [
+            ("fashion-mnist-5-9", {"vtab1k": True, "keep_classes": "5-9"}, True),
+            ("digits", {"vtab1k": True}, False),
+        ]
 
 
 @pytest.fixture(scope="module")
@@ -162,6 +186,10 @@ def test_benchmark_end_to_end_on_s3_and_mlflow_server(prefect_server, mlflow_ser
     assert [m.step for m in losses] == [10, 20, 24]
     assert pretrain.data.params["optim.lr"] == "0.002"
     assert pretrain.inputs.dataset_inputs[0].dataset.name == "synthetic-upstream"
+    # upstream accuracy: the pre-trained model's top-1 on the upstream test split, on the parent and in the table
+    upstream = parent.data.metrics["upstream/top1"]
+    assert upstream == pytest.approx(100 * pretrain.data.metrics["val/top1"])
+    assert f"upstream: synthetic-upstream, held-out top-1 {upstream:.2f}" in first.table
     final = runs["finetune:synth/natural_objects:lr=0.03"]
     assert 0.0 <= final.data.metrics["test/top1"] <= 1.0 and final.data.metrics["test/count"] == 60
     assert "fewshot/synth/natural_objects/5shot" in runs["fewshot:synth/natural_objects"].data.metrics

@@ -114,6 +114,7 @@ def small_spec(pool: Pool, root: str):
                 }
             ],
             "transfer.from_scratch_baseline": False,
+            "transfer.finetune.seeds": [0],
             "transfer.finetune.steps": 6,
             "transfer.finetune.batch_size": 16,
             "transfer.finetune.lrs": [0.01],

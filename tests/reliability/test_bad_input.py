@@ -37,7 +37,10 @@ BAD_SPECS = [  # (--set overrides on the demo preset, what the error must name)
     (["pretrain.dataset.max_corrupt_fraction=2"], "pretrain.dataset.max_corrupt_fraction"),
     (["pretrain.image_size=33"], "pretrain.image_size 33 is not a multiple of the patch size 4"),
     (["pretrain.batch_size=100", "compute.accum_steps=3"], "pretrain.batch_size 100 is not divisible"),
-    (["compute.nproc_per_node=3"], "transfer.finetune.batch_size 32 is not divisible by devices (3)"),
+    (
+        ["compute.nproc_per_node=3", "transfer.finetune.batch_size=32"],
+        "transfer.finetune.batch_size 32 is not divisible by devices (3)",
+    ),
     (["compute.accum_steps=0"], "compute.accum_steps"),
     (["compute.device=tpu"], "compute.device"),
     (["compute.nnodes=2"], "compute.rdzv_endpoint"),

@@ -10,6 +10,7 @@ from pathlib import Path
 import pytest
 from mlflow import MlflowClient
 
+from tests.helpers import SYNTHETIC_DEMO_SETS, synthetic_benchmarks
 from vit import storage
 
 SECRETS = {
@@ -60,7 +61,7 @@ def test_no_secret_reaches_anything_the_pipeline_writes(
     spec = build_spec(
         "demo",
         [
-            f"artifact_root={root}", f"tracking_uri={mlflow_server.url}", "experiment=secrets",
+            *SYNTHETIC_DEMO_SETS, f"artifact_root={root}", f"tracking_uri={mlflow_server.url}", "experiment=secrets",
             "pretrain.steps=4", "pretrain.batch_size=16", "pretrain.warmup_steps=1", "pretrain.image_size=16",
             "pretrain.dataset.options.classes=4", "pretrain.dataset.options.per_class=8",
             "pretrain.dataset.options.size=16", "transfer.finetune.steps=2", "transfer.finetune.batch_size=8",
@@ -68,9 +69,8 @@ def test_no_secret_reaches_anything_the_pipeline_writes(
             "transfer.from_scratch_baseline=false", "analysis.num_images=1",
         ],
     )  # fmt: skip
-    bench = next(b for b in spec.transfer.benchmarks if b.name == "synth/natural_objects")
-    bench = bench.model_copy(update={"dataset": bench.dataset.model_copy(update={"options": {"size": 16, "test": 20}})})
-    spec = spec.model_copy(update={"transfer": spec.transfer.model_copy(update={"benchmarks": [bench]})})
+    benches = synthetic_benchmarks(("synth/natural_objects",), size=16, test=20)
+    spec = spec.model_copy(update={"transfer": spec.transfer.model_copy(update={"benchmarks": benches})})
     summary = benchmark(spec=spec)
 
     found: list[str] = []

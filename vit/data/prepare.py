@@ -29,7 +29,7 @@ import time
 from collections import deque
 from collections.abc import Callable, Iterable, Iterator
 from concurrent.futures import ThreadPoolExecutor
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 from datetime import UTC, datetime
 from functools import partial
 from pathlib import Path
@@ -47,6 +47,7 @@ PREP_VERSION = 1
 SHARD_BYTES = 128 * 1024 * 1024
 SHARD_SAMPLES = 2000
 MANIFEST_COLUMNS = ["key", "split", "label", "shard", "offset", "size", "sha256", "width", "height"]
+VTAB1K_TRAIN, VTAB1K_VAL = 800, 200
 _NAME = re.compile(r"^[A-Za-z0-9][A-Za-z0-9._-]*$")
 
 
@@ -218,10 +219,11 @@ def prepare_dataset(
     existing URI without work.
 
     Options (any format): ``minival=F`` (held-out fraction of train; defaults per protocol: 1% ImageNet, 2% CIFAR,
-    10% Pets/Flowers, none otherwise), ``max_<split>=N`` (first N samples of an official split, e.g.
-    ``max_train=4000``), ``shard_bytes=`` and ``shard_samples=`` (shard bounds), ``workers=`` (decoding threads).
-    Format options: ``real=PATH`` (imagenet), ``task=NAME`` (vtab), ``num_classes=N`` (list), and the synthetic
-    generators' parameters.
+    10% Pets/Flowers, none otherwise), ``keep_classes=5-9`` (only these class ids, relabelled from 0), ``vtab1k=true``
+    (VTAB-1k's train800 / val200 / train800val200 drawn from train; test as is), ``max_<split>=N`` (first N samples
+    of a split, applied last, e.g. ``max_train=4000``), ``shard_bytes=`` and ``shard_samples=`` (shard bounds),
+    ``workers=`` (decoding threads). Format options: ``real=PATH`` (imagenet), ``task=NAME`` (vtab),
+    ``num_classes=N`` (list), and the synthetic generators' parameters.
 
     Raises `DataError` for bad input, `CorruptDataError` when the corrupt share exceeds ``max_corrupt_fraction``.
     """
@@ -236,7 +238,7 @@ def prepare_dataset(
     src = read_source(source, options, seed)
     if options:
         raise DataError(f"unknown option(s) for {src.format}: {', '.join(sorted(options))}")
-    _apply_settings(src, settings, source)
+    _apply_settings(src, settings, source, seed)
     uri = storage.join(root, "datasets", name, fingerprint(src, settings, seed))
     info_uri = storage.join(uri, "info.json")
 
@@ -255,9 +257,33 @@ def prepare_dataset(
         return _prepare(src, source, name, uri, seed, settings, max_corrupt_fraction, workers, progress)
 
 
+def _class_ids(options: dict) -> list[int] | None:
+    """Option ``keep_classes``: class ids to keep, as ``5-9``, ``0,2,4`` or a mix (``0-2,7``), in increasing order
+    (not ``classes``: the synthetic generators' number of classes)."""
+    value = options.pop("keep_classes", None)
+    if value is None:
+        return None
+    ids: set[int] = set()
+    try:
+        for part in filter(None, (p.strip() for p in str(value).split(","))):
+            low, _, high = part.partition("-")
+            ids.update(range(int(low), int(high or low) + 1))
+    except ValueError:
+        raise DataError(f"option keep_classes={value!r}: write class ids as e.g. 5-9 or 0,2,4") from None
+    if not ids:
+        raise DataError(f"option keep_classes={value!r} names no class")
+    return sorted(ids)
+
+
 def _settings(options: dict) -> dict:
     """The preparation settings among ``options`` (taken out of it): fingerprinted with the source."""
+    vtab1k = options.pop("vtab1k", False)
+    subset = {  # only when given, so the fingerprints of datasets prepared without them stay as they were
+        "keep_classes": _class_ids(options),
+        "vtab1k": vtab1k if isinstance(vtab1k, bool) else str(vtab1k).lower() in ("1", "true", "yes"),
+    }
     return {
+        **{k: v for k, v in subset.items() if v},
         "minival": _number(options, "minival", None, float, 0.0, 0.5),
         "max": {k[4:]: _number(options, k, None, int, 1, 1 << 40) for k in sorted(options) if k.startswith("max_")},
         "shard_bytes": _number(options, "shard_bytes", SHARD_BYTES, int, 1, 1 << 40),
@@ -265,8 +291,41 @@ def _settings(options: dict) -> dict:
     }
 
 
-def _apply_settings(src: Source, settings: dict, source: str) -> None:
-    """Cut the splits to their ``max_<split>`` and fix the minival fraction (the protocol's default if unset)."""
+def _keep_classes(src: Source, ids: list[int]) -> None:
+    """Only the samples of classes ``ids``, relabelled 0..len(ids)-1 in that order (e.g. held-out classes)."""
+    if ids[-1] >= len(src.classes) or ids[0] < 0:
+        raise DataError(f"option keep_classes: {src.format} has classes 0-{len(src.classes) - 1}, not {ids[-1]}")
+    new = {old: i for i, old in enumerate(ids)}
+    src.classes = [src.classes[i] for i in ids]
+    for split, items in src.splits.items():
+        src.splits[split] = [replace(item, label=new[item.label]) for item in items if item.label in new]
+
+
+def _vtab1k(src: Source, seed: int) -> None:
+    """VTAB-1k's splits (Zhai et al. 2019) from any source: train800 and val200 drawn (seeded) from the official
+    train split, their union train800val200; the test split stays the official one."""
+    train = src.splits.pop("train", None)
+    if train is None or len(train) < VTAB1K_TRAIN + VTAB1K_VAL or "test" not in src.splits:
+        raise DataError(
+            f"option vtab1k: {src.format} needs a train split of at least {VTAB1K_TRAIN + VTAB1K_VAL} samples and "
+            f"a test split (it has {', '.join(f'{k} ({len(v)})' for k, v in src.splits.items()) or 'none'})"
+        )
+    order = np.random.default_rng([seed, 0x7674616B]).permutation(len(train))
+    src.splits["train800"] = [train[i] for i in sorted(order[:VTAB1K_TRAIN])]
+    src.splits["val200"] = [train[i] for i in sorted(order[VTAB1K_TRAIN : VTAB1K_TRAIN + VTAB1K_VAL])]
+    src.unions["train800val200"] = ["train800", "val200"]
+    src.minival_fraction = 0.0
+
+
+def _apply_settings(src: Source, settings: dict, source: str, seed: int) -> None:
+    """Keep the ``keep_classes``, draw the ``vtab1k`` splits, cut the splits to their ``max_<split>`` and fix the
+    minival fraction (the protocol's default if unset; none with vtab1k, whose val200 plays its part)."""
+    if "keep_classes" in settings:
+        _keep_classes(src, settings["keep_classes"])
+    if settings.get("vtab1k"):
+        if settings["minival"]:
+            raise DataError("option minival: vtab1k holds out val200 instead; give one of them")
+        _vtab1k(src, seed)
     for split, limit in settings["max"].items():
         if split not in src.splits:
             raise DataError(f"option max_{split}: {src.format} has no split {split!r} (it has {', '.join(src.splits)})")

@@ -338,6 +338,32 @@ def read_fashion_mnist(path: Path, options: dict) -> Source:
     return Source("fashion-mnist", str(root), list(FASHION_MNIST_CLASSES), splits, listing, MINIVAL["fashion-mnist"])
 
 
+DIGITS_TEST = 797  # scikit-learn's 1,797 digits: 1,000 train (VTAB-1k's 800 + 200) and the rest as test
+
+
+def read_digits(spec: str, options: dict, seed: int) -> Source:
+    """scikit-learn's ``load_digits``: 1,797 real 8 x 8 scans of handwritten digits (UCI optdigits' test set,
+    16 grey levels), shipped inside the scikit-learn wheel, so they are there offline. No official split: a
+    seeded stratified ``test`` of 797 images, the other 1,000 are ``train``. Images are stored at 8 x 8, ink
+    bright on black like Fashion-MNIST; the transforms resize them."""
+    if spec:
+        raise DataError(f"digits: takes no path (the images ship with scikit-learn), got {spec!r}")
+    import sklearn
+    from sklearn.datasets import load_digits
+    from sklearn.model_selection import train_test_split
+
+    digits = load_digits()
+    images = np.rint(digits.images * (255 / 16)).astype(np.uint8)
+    ids = np.arange(len(images))
+    train, test = train_test_split(ids, test_size=DIGITS_TEST, random_state=seed, stratify=digits.target)
+    splits = {
+        split: [Item(f"digits-{i:04d}", int(digits.target[i]), f"load_digits()[{i}]", images[i]) for i in sorted(part)]
+        for split, part in (("train", train), ("test", test))
+    }
+    listing = [(f"scikit-learn-{sklearn.__version__}/load_digits", int(images.size), 0)]
+    return Source("digits", "sklearn.datasets.load_digits", [str(c) for c in range(10)], splits, listing)
+
+
 # --------------------------------------------------------------------------------------------------------------
 # Annotated folders: Pets, Flowers-102, VTAB-1k, list files
 
@@ -524,6 +550,7 @@ FORMATS: dict[str, tuple[Callable[[str, dict, int], Source], str]] = {
     "fashion-mnist": (_on_path(read_fashion_mnist), "fashion-mnist:/usr/share/datasets/fashion-mnist (IDX, gz or not)"),
     "vtab": (_on_path(read_vtab), "vtab:/data/vtab-1k/dtd (train800/val200/train800val200/test .txt lists)"),
     "list": (_on_path(read_list), "list:/data/files.csv (CSV or parquet with path,label[,split])"),
+    "digits": (read_digits, "digits: (scikit-learn's 1,797 8x8 handwritten digits, offline)"),
     "synthetic-upstream": (_synthetic_upstream, "synthetic-upstream: or synthetic-upstream:classes=100,per_class=200"),
     "synthetic-vtab": (
         _synthetic_vtab,
