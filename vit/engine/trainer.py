@@ -312,9 +312,11 @@ class Trainer:
                 if stop:
                     raise Preempted(f"stopped by a signal at step {self.step}; checkpoint saved, run again to resume")
         finally:
-            for sig, handler in previous_handlers.items():
-                signal.signal(sig, handler)
-            self.finish_checkpoint()  # also when stopped or crashed: what was being written completes
+            try:  # under the stop handler still: a dying multi-threaded parent can send its death signal twice
+                self.finish_checkpoint()  # also when stopped or crashed: what was being written completes
+            finally:
+                for sig, handler in previous_handlers.items():
+                    signal.signal(sig, handler)
         if self.evaluate_fn:
             self._run_eval(result)
         result.step = self.step
