@@ -27,6 +27,7 @@ from tasks.common import (
     start_stage_run,
     write_done,
 )
+from tasks.report import ReportedRun, mlflow_run_url, mlflow_ui, report_header, write_report
 from tasks.results import SCRATCH
 from tasks.stages import AggregateStage, RunSummary, TransferResults
 from tasks.tracking import RunRef, Tracker
@@ -251,17 +252,16 @@ def _publish(
 ) -> None:
     """Write the results, report, plots and headline to ``target`` and the aggregate run (the tables and report
     also to the parent run)."""
-    from tasks.report import write_report
     from tasks.results import write_results
 
     plots = cached_plots(stage, df)
-    meta = {
-        "MLflow run": run_id,
-        "experiment": stage.experiment,
-        "model": stage.model_name,
-        "pre-training data": stage.pretrain_name,
-        "artifacts": target,
-    }
+    ctx = stage.tracking
+    meta = report_header(
+        ctx.tracking_uri,
+        [ReportedRun(ctx.experiment_id, run_id, target)],
+        stage.experiment,
+        {"model": stage.model_name, "pre-training data": stage.pretrain_name},
+    )
     with tempfile.TemporaryDirectory() as tmp:
         out = Path(tmp)
         write_results(df, out)
@@ -316,13 +316,6 @@ def _summary_table(df: pd.DataFrame) -> pd.DataFrame:
     return table[sorted(table.columns, key=order.__getitem__)].reset_index().rename_axis(columns=None)
 
 
-def mlflow_run_url(ctx: TrackingContext, run_id: str) -> str | None:
-    """The run's page in the MLflow UI, when the tracking URI is a server (a SQLite file has no UI to link to)."""
-    if not ctx.tracking_uri.startswith("http"):
-        return None
-    return f"{ctx.tracking_uri.rstrip('/')}/#/experiments/{ctx.experiment_id}/runs/{run_id}"
-
-
 def _inline_plots(markdown: str, folder: str) -> str:
     """The report's markdown with its ``plots/<name>.png`` links replaced by ``data:`` URIs: a Prefect markdown
     artifact is shown by a browser that cannot read the artifact store, so the images travel inside it."""
@@ -337,7 +330,7 @@ def _inline_plots(markdown: str, folder: str) -> str:
 def _links_markdown(summary: RunSummary, ctx: TrackingContext, tracker: Tracker) -> str:
     """The parent run, every stage run and the report, as links a browser opens (MLflow's UI and its artifact
     endpoint), or, with a SQLite tracking store, where they are and how to open them."""
-    if not ctx.tracking_uri.startswith("http"):
+    if (ui := mlflow_ui(ctx.tracking_uri)) is None:
         return (
             f"MLflow tracks to `{ctx.tracking_uri}`, a file with no UI server: run "
             f"`mlflow ui --backend-store-uri {ctx.tracking_uri}` and open run `{summary.run_id}`.\n\n"
@@ -346,11 +339,14 @@ def _links_markdown(summary: RunSummary, ctx: TrackingContext, tracker: Tracker)
     children = tracker.client.search_runs(
         [ctx.experiment_id], f"tags.`mlflow.parentRunId` = '{summary.run_id}'", max_results=1000
     )
-    report = f"{ctx.tracking_uri.rstrip('/')}/get-artifact?path=report.html&run_uuid={summary.run_id}"
+    report = f"{ui}/get-artifact?path=report.html&run_uuid={summary.run_id}"
     lines = [
-        f"- [MLflow parent run]({mlflow_run_url(ctx, summary.run_id)})",
+        f"- [MLflow parent run]({mlflow_run_url(ctx.tracking_uri, ctx.experiment_id, summary.run_id)})",
         f"- [report (HTML, through MLflow)]({report})",
-        *sorted(f"- [{r.info.run_name}]({mlflow_run_url(ctx, r.info.run_id)})" for r in children),
+        *sorted(
+            f"- [{r.info.run_name}]({mlflow_run_url(ctx.tracking_uri, ctx.experiment_id, r.info.run_id)})"
+            for r in children
+        ),
     ]
     return "\n".join(lines) + "\n"
 
@@ -368,5 +364,5 @@ def publish_run_page(summary: RunSummary, ctx: TrackingContext) -> None:
     create_markdown_artifact(_inline_plots(markdown, folder), key="report", description="vitflow report")
     tracker = Tracker(ctx.tracking_uri)
     create_markdown_artifact(_links_markdown(summary, ctx, tracker), key="links", description="MLflow runs, report")
-    if url := mlflow_run_url(ctx, summary.run_id):
+    if url := mlflow_run_url(ctx.tracking_uri, ctx.experiment_id, summary.run_id):
         create_link_artifact(url, key="mlflow-run", link_text="MLflow parent run")

@@ -1,8 +1,8 @@
 """The run report: a markdown page and a self-contained HTML page (styled tables, PNGs embedded as base64).
 
-Both are rendered from the same list of blocks: a summary, the paper-shaped tables of ``tasks.results`` with the
-paper's numbers and deltas, VTAB-1k, few-shot and the plots. The markdown links each plot as ``plots/<name>.png``;
-``write_report`` puts the PNGs there, next to ``report.md``.
+Both are rendered from the same list of blocks: a header (the run, where its outputs are), a summary, the
+paper-shaped tables of ``tasks.results`` with the paper's numbers and deltas, VTAB-1k, few-shot and the plots. The
+markdown links each plot as ``plots/<name>.png``; ``write_report`` puts the PNGs there, next to ``report.md``.
 """
 
 from __future__ import annotations
@@ -10,7 +10,7 @@ from __future__ import annotations
 import base64
 import html
 import re
-from collections.abc import Mapping
+from collections.abc import Mapping, Sequence
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -28,12 +28,72 @@ _PAPER_NOTE = (
 )
 
 
+@dataclass(frozen=True)
+class Link:
+    """A header value a browser opens: ``[text](url)`` in the markdown, ``<a href="url">text</a>`` in the HTML."""
+
+    text: str
+    url: str
+
+
+@dataclass(frozen=True)
+class Code:
+    """A header value a user copies (a URI, a path): a code span in both outputs."""
+
+    text: str
+
+
+Inline = str | Link | Code
+Field = Inline | tuple[Inline, ...]  # a tuple's parts are shown one after the other
+
+
+@dataclass(frozen=True)
+class ReportedRun:
+    """A flow run a report shows: its MLflow run and the folder of its outputs in the artifact store."""
+
+    experiment_id: str
+    run_id: str
+    artifacts: str
+
+
 @dataclass(frozen=True, eq=False)
 class _Block:
-    kind: str  # "h1", "h2", "p", "table", "image"
+    kind: str  # "h1", "h2", "p", "fields", "table", "image"
     text: str = ""
     table: pd.DataFrame | None = None
     png: bytes = b""
+    fields: tuple[tuple[str, Field], ...] = ()
+
+
+def mlflow_ui(tracking_uri: str) -> str | None:
+    """The MLflow UI's address: the tracking URI when it is a server; None for a SQLite file (no UI to link to)."""
+    return tracking_uri.rstrip("/") if tracking_uri.startswith("http") else None
+
+
+def mlflow_run_url(tracking_uri: str, experiment_id: str, run_id: str, tab: str = "") -> str | None:
+    """The run's page in the MLflow UI (``tab``: one of its tabs, e.g. ``artifacts``), when there is a UI."""
+    if (ui := mlflow_ui(tracking_uri)) is None:
+        return None
+    return f"{ui}/#/experiments/{experiment_id}/runs/{run_id}" + (f"/{tab}" if tab else "")
+
+
+def _joined(values: Sequence[tuple[Inline, ...]]) -> tuple[Inline, ...]:
+    return tuple(part for i, value in enumerate(values) for part in ((", ",) if i else ()) + value)
+
+
+def report_header(
+    tracking_uri: str, runs: Sequence[ReportedRun], experiment: str, fields: Mapping[str, str] | None = None
+) -> dict[str, Field]:
+    """The report's first table: the MLflow run(s), the experiment, ``fields`` and the artifacts. With an MLflow
+    server each run id links to the run's page and the artifacts to its artifacts tab, the store location beside it
+    as code (what ``aws s3 ls`` takes); with a SQLite store (no UI) both are plain text."""
+    ids, locations = [], []
+    for run in runs:
+        page = mlflow_run_url(tracking_uri, run.experiment_id, run.run_id)
+        tab = mlflow_run_url(tracking_uri, run.experiment_id, run.run_id, "artifacts")
+        ids.append((Link(run.run_id, page),) if page else (run.run_id,))
+        locations.append((Link("open in MLflow", tab), " · ", Code(run.artifacts)) if tab else (run.artifacts,))
+    return {"MLflow run": _joined(ids), "experiment": experiment, **(fields or {}), "artifacts": _joined(locations)}
 
 
 def plot_filename(name: str) -> str:
@@ -76,14 +136,13 @@ def _blocks(
     results: pd.DataFrame,
     plots: Mapping[str, PlotSource],
     title: str,
-    meta: Mapping[str, object],
+    meta: Mapping[str, Field],
     sections: Mapping[str, tuple[pd.DataFrame, str]],
 ) -> list[_Block]:
     results = R.results_frame(results)
     blocks = [_Block("h1", title)]
     if meta:
-        fields = pd.DataFrame({"value": [str(v) for v in meta.values()]}, index=pd.Index(list(meta), name="field"))
-        blocks.append(_Block("table", table=fields))
+        blocks.append(_Block("fields", fields=tuple(meta.items())))
     blocks += [_Block("h2", "Summary"), *(_Block("p", line) for line in _summary(results))]
     for heading, (table, note) in sections.items():
         blocks += [_Block("h2", heading), _Block("table", table=table)] + ([_Block("p", note)] if note else [])
@@ -103,6 +162,25 @@ def _blocks(
     return blocks
 
 
+def _parts(value: Field) -> tuple[Inline, ...]:
+    return value if isinstance(value, tuple) else (value,)
+
+
+def _markdown_inline(part: Inline) -> str:
+    if isinstance(part, Link):
+        text = part.text.replace("[", "\\[").replace("]", "\\]")
+        return f"[{text}]({part.url.replace(' ', '%20').replace(')', '%29')})"
+    if isinstance(part, Code):
+        return f"`{part.text}`"
+    return str(part)
+
+
+def _fields_markdown(fields: tuple[tuple[str, Field], ...]) -> str:
+    """The header as a two-column table; ``tasks.results.to_markdown`` escapes what would break a table cell."""
+    values = ["".join(_markdown_inline(p) for p in _parts(value)) for _, value in fields]
+    return R.to_markdown(pd.DataFrame({"value": values}, index=pd.Index([name for name, _ in fields], name="field")))
+
+
 def _markdown(blocks: list[_Block]) -> str:
     out = []
     for b in blocks:
@@ -110,6 +188,8 @@ def _markdown(blocks: list[_Block]) -> str:
             out.append(f"{'#' * int(b.kind[1])} {b.text}\n")
         elif b.kind == "p":
             out.append(b.text + "\n")
+        elif b.kind == "fields":
+            out.append(_fields_markdown(b.fields))
         elif b.kind == "table":
             out.append(R.to_markdown(b.table))
         else:
@@ -136,20 +216,40 @@ figcaption { color: #59636e; font-size: .9rem; }
 """
 
 
+def _html_grid(header: list[str], rows: list[list[str]]) -> str:
+    """A table of header texts and rows of ``<td>`` elements."""
+    head = "".join(f"<th>{html.escape(h)}</th>" for h in header)
+    body = "".join("<tr>" + "".join(cells) + "</tr>" for cells in rows)
+    return f'<div class="scroll"><table><thead><tr>{head}</tr></thead><tbody>{body}</tbody></table></div>'
+
+
+def _html_cell(text: str, right: bool) -> str:
+    classes = ["num"] if right else []
+    if re.match(r"^[+-]\d", text):
+        classes.append("neg" if text.startswith("-") else "pos")
+    attr = f' class="{" ".join(classes)}"' if classes else ""
+    return f"<td{attr}>{html.escape(text)}</td>"
+
+
 def _html_table(df: pd.DataFrame) -> str:
     header, rows, numeric = R.table_cells(df)
-    head = "".join(f"<th>{html.escape(h)}</th>" for h in header)
-    body = []
-    for row in rows:
-        cells = []
-        for text, right in zip(row, numeric, strict=True):
-            classes = ["num"] if right else []
-            if re.match(r"^[+-]\d", text):
-                classes.append("neg" if text.startswith("-") else "pos")
-            attr = f' class="{" ".join(classes)}"' if classes else ""
-            cells.append(f"<td{attr}>{html.escape(text)}</td>")
-        body.append("<tr>" + "".join(cells) + "</tr>")
-    return f'<div class="scroll"><table><thead><tr>{head}</tr></thead><tbody>{"".join(body)}</tbody></table></div>'
+    return _html_grid(header, [[_html_cell(t, r) for t, r in zip(row, numeric, strict=True)] for row in rows])
+
+
+def _html_inline(part: Inline) -> str:
+    if isinstance(part, Link):
+        return f'<a href="{html.escape(part.url)}">{html.escape(part.text)}</a>'
+    if isinstance(part, Code):
+        return f"<code>{html.escape(part.text)}</code>"
+    return html.escape(str(part))
+
+
+def _fields_html(fields: tuple[tuple[str, Field], ...]) -> str:
+    rows = [
+        [f"<td>{html.escape(name)}</td>", "<td>" + "".join(_html_inline(p) for p in _parts(value)) + "</td>"]
+        for name, value in fields
+    ]
+    return _html_grid(["field", "value"], rows)
 
 
 def _html(blocks: list[_Block], title: str) -> str:
@@ -159,6 +259,8 @@ def _html(blocks: list[_Block], title: str) -> str:
             out.append(f"<{b.kind}>{html.escape(b.text)}</{b.kind}>")
         elif b.kind == "p":
             out.append(f"<p>{html.escape(b.text)}</p>")
+        elif b.kind == "fields":
+            out.append(_fields_html(b.fields))
         elif b.kind == "table":
             out.append(_html_table(b.table))
         else:
@@ -177,14 +279,15 @@ def build_report(
     results: pd.DataFrame,
     plots: Mapping[str, PlotSource] | None = None,
     title: str = "vitflow report",
-    meta: Mapping[str, object] | None = None,
+    meta: Mapping[str, Field] | None = None,
     sections: Mapping[str, tuple[pd.DataFrame, str]] | None = None,
 ) -> tuple[str, str]:
     """``(markdown, html)`` of a results table (the tidy table of ``tasks.results``).
 
-    Sections: ``meta`` (run ids, spec hash, commit, ...) under the title, a summary, the paper-shaped tables with the
-    paper's numbers and deltas, VTAB-1k, few-shot, and the plots (PNG bytes or files, by caption). The HTML embeds
-    everything; the markdown links plots as ``plots/<name>.png`` (``write_report`` writes them there).
+    Sections: ``meta`` (run ids, spec hash, commit, ...: :func:`report_header`) under the title, a summary, the
+    paper-shaped tables with the paper's numbers and deltas, VTAB-1k, few-shot, and the plots (PNG bytes or files, by
+    caption). The HTML embeds everything; the markdown links plots as ``plots/<name>.png`` (``write_report`` writes
+    them there).
     ``sections``: heading -> (table, note) of a flow's own tables, placed after the summary.
     """
     blocks = _blocks(results, plots or {}, title, meta or {}, sections or {})
@@ -196,7 +299,7 @@ def write_report(
     results: pd.DataFrame,
     plots: Mapping[str, PlotSource] | None = None,
     title: str = "vitflow report",
-    meta: Mapping[str, object] | None = None,
+    meta: Mapping[str, Field] | None = None,
     sections: Mapping[str, tuple[pd.DataFrame, str]] | None = None,
 ) -> dict[str, Path]:
     """Write ``report.md``, ``report.html`` and ``plots/<name>.png`` into ``directory``; returns the paths."""

@@ -39,7 +39,7 @@ def _run_outputs(tracking_uri: str, run_id: str, tmp: Path) -> tuple[Run, pd.Dat
 def rebuild_report(tracking_uri: str, run_ids: str | Sequence[str], output: Path) -> dict[str, Path]:
     """The report of one run, or of several runs merged (e.g. the ViT and the BiT runs of the ``bit-vs-vit``
     preset): their results form one table, so the paper-style tables show each model as a column of its own."""
-    from tasks.report import write_report
+    from tasks.report import ReportedRun, report_header, write_report
 
     ids = [run_ids] if isinstance(run_ids, str) else list(run_ids)
     with tempfile.TemporaryDirectory() as tmp:
@@ -52,12 +52,16 @@ def rebuild_report(tracking_uri: str, run_ids: str | Sequence[str], output: Path
         for model, (_, _, run_plots) in zip(models, outputs, strict=True)
         for name, png in run_plots.items()
     }
-    meta = {
-        "MLflow run": ", ".join(ids),
-        "experiment": ", ".join(dict.fromkeys(r.info.experiment_id for r in runs)),
-        "artifacts": ", ".join(r.data.tags["vitflow.results_uri"].rsplit("/", 1)[0] for r in runs),
-        **{k.removeprefix("vitflow."): v for k, v in runs[0].data.tags.items() if k in _META_TAGS},
-    }
+    client = MlflowClient(tracking_uri)
+    meta = report_header(
+        tracking_uri,
+        [
+            ReportedRun(r.info.experiment_id, r.info.run_id, r.data.tags["vitflow.results_uri"].rsplit("/", 1)[0])
+            for r in runs
+        ],
+        ", ".join(client.get_experiment(e).name for e in dict.fromkeys(r.info.experiment_id for r in runs)),
+        {k.removeprefix("vitflow."): v for k, v in runs[0].data.tags.items() if k in _META_TAGS},
+    )
     names = " vs ".join(
         r.data.tags.get("mlflow.runName", r.info.run_id) + (f" ({model})" if model else "")
         for r, model in zip(runs, models, strict=True)

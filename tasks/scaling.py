@@ -125,7 +125,7 @@ def figures(stage: ScalingAggregateStage, table: pd.DataFrame) -> dict[str, byte
 
 def _publish(stage: ScalingAggregateStage, tracker: Tracker, run: RunRef, run_id: str) -> RunSummary:
     """The tables, the report and its figures to ``<root>/runs/<run id>/`` and MLflow; the metrics to both runs."""
-    from tasks.report import write_report
+    from tasks.report import ReportedRun, report_header, write_report
     from tasks.results import to_markdown, write_results
 
     target = storage.join(stage.artifact_root, "runs", run_id)
@@ -143,7 +143,8 @@ def _publish(stage: ScalingAggregateStage, tracker: Tracker, run: RunRef, run_id
         out = Path(tmp)
         write_results(df, out)
         table.to_csv(out / "scaling.csv", index=False)
-        meta = {"MLflow run": run_id, "experiment": stage.experiment, "artifacts": target}
+        ctx = stage.tracking
+        meta = report_header(ctx.tracking_uri, [ReportedRun(ctx.experiment_id, run_id, target)], stage.experiment)
         sections = {"Scaling study (paper Figures 4 and 5, Table 2)": (wide, note)}
         write_report(out, df, figures(stage, table), f"vitflow — {stage.experiment}", meta, sections)
         upload_outputs(out, target, tracker, run, parent_id, (*PARENT_FILES, "scaling.csv"))

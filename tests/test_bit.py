@@ -303,3 +303,6 @@ def test_report_of_a_vit_run_and_a_bit_run_puts_them_side_by_side(tmp_path):
     header = next(line for line in markdown.splitlines() if "ViT-micro/4" in line and "BiT-micro" in line)
     assert header.index("ViT-micro/4 (synthetic-upstream)") < header.index("BiT-micro (synthetic-upstream)")
     assert "61.50 ± 0.71" in markdown and "58.00 ± 0.71" in markdown
+    assert f"| MLflow run | {run_ids[0]}, {run_ids[1]} |" in markdown and "| experiment | bit-vs-vit |" in markdown
+    assert f"| artifacts | {tmp_path / run_ids[0]}, {tmp_path / run_ids[1]} |" in markdown
+    assert "](http" not in markdown and "href=" not in paths["html"].read_text()  # SQLite: no MLflow UI to link to

@@ -154,6 +154,7 @@ def children(client: MlflowClient, parent_id: str) -> dict[str, object]:
 
 def test_benchmark_end_to_end_on_s3_and_mlflow_server(prefect_server, mlflow_server, s3_bucket, tmp_path):
     from prefect.client.orchestration import get_client
+    from prefect.client.schemas.filters import ArtifactFilter, ArtifactFilterFlowRunId, ArtifactFilterKey
 
     from flows.benchmark import benchmark
     from tasks.compare import compare, find_runs
@@ -207,6 +208,30 @@ def test_benchmark_end_to_end_on_s3_and_mlflow_server(prefect_server, mlflow_ser
     # the results table is in the S3 artifact store
     assert first.results_uri == f"{root}/runs/{first.run_id}/results.parquet"
     assert storage.exists(first.results_uri)
+    # the report's header links the parent run's MLflow page and its artifacts tab, the S3 folder beside as code;
+    # the same in the Prefect `report` artifact
+    folder = f"{root}/runs/{first.run_id}"
+    run_page = f"{mlflow_server}/#/experiments/{parent.info.experiment_id}/runs/{first.run_id}"
+    header = [
+        f"| MLflow run | [{first.run_id}]({run_page}) |",
+        "| experiment | pipeline-test |",
+        f"| artifacts | [open in MLflow]({run_page}/artifacts) · `{folder}` |",
+    ]
+    html_header = [
+        f'<td><a href="{run_page}">{first.run_id}</a></td>',
+        f'<td><a href="{run_page}/artifacts">open in MLflow</a> · <code>{folder}</code></td>',
+    ]
+    markdown = storage.read_text(f"{folder}/report.md")
+    assert all(line in markdown for line in header), markdown[:1000]
+    assert all(cell in storage.read_text(f"{folder}/report.html") for cell in html_header)
+    with get_client(sync_client=True) as prefect:
+        (report,) = prefect.read_artifacts(
+            artifact_filter=ArtifactFilter(
+                key=ArtifactFilterKey(any_=["report"]),
+                flow_run_id=ArtifactFilterFlowRunId(any_=[parent.data.tags["prefect.flow_run_id"]]),
+            )
+        )
+    assert all(line in report.data for line in header)
 
     # an unchanged re-run trains nothing: every stage is reused, a Prefect cache hit, and still in MLflow
     rerun_started = datetime.datetime.now(datetime.UTC)
@@ -247,7 +272,9 @@ def test_benchmark_end_to_end_on_s3_and_mlflow_server(prefect_server, mlflow_ser
     assert rebuilt.exit_code == 0, rebuilt.output
     html = (tmp_path / "report" / "report.html").read_text()
     assert "synth/natural_objects" in html and "data:image/png;base64," in html
-    assert "| benchmark" in (tmp_path / "report" / "report.md").read_text()
+    assert all(cell in html for cell in html_header)
+    markdown = (tmp_path / "report" / "report.md").read_text()
+    assert "| benchmark" in markdown and all(line in markdown for line in header)
     side_by_side = runner.invoke(app, ["compare", "--experiment", "pipeline-test", "--last", "2", "--format", "csv"])
     assert side_by_side.exit_code == 0, side_by_side.output
     assert first.run_id in side_by_side.output and second.run_id in side_by_side.output

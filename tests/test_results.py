@@ -12,7 +12,7 @@ import pytest
 from PIL import Image
 
 from tasks import results as R
-from tasks.report import build_report, write_report
+from tasks.report import Code, Link, build_report, write_report
 from vit import vtab
 
 # ---------------------------------------------------------------------------------------------------------------
@@ -435,6 +435,23 @@ def test_report_embeds_plots_and_tables(tmp_path):
     assert (tmp_path / "report" / "plots" / "Attention_distance.png").read_bytes() == png
     with pytest.raises(ValueError, match="PNG"):
         build_report(results, {"bad": b"not a png"})
+
+
+def test_report_header_renders_links_as_links_and_locations_as_code_in_both_outputs():
+    url = "http://mlflow:5000/get-artifact?path=report.html&run_uuid=r1"
+    meta = {
+        "MLflow run": Link("r1", url),
+        "artifacts": (Link("open [in] MLflow", "http://mlflow:5000/#/a b)"), " · ", Code("s3://bucket/runs/r1")),
+        "model": "a|b <c>",
+    }
+    markdown, page = build_report(R.results_frame([_record(value=98.5)]), title="links", meta=meta)
+    assert "| field | value |\n|---|---|\n" in markdown
+    assert f"| MLflow run | [r1]({url}) |" in markdown
+    assert "| artifacts | [open \\[in\\] MLflow](http://mlflow:5000/#/a%20b%29) · `s3://bucket/runs/r1` |" in markdown
+    assert "| model | a\\|b <c> |" in markdown
+    assert '<td><a href="http://mlflow:5000/get-artifact?path=report.html&amp;run_uuid=r1">r1</a></td>' in page
+    assert '<a href="http://mlflow:5000/#/a b)">open [in] MLflow</a> · <code>s3://bucket/runs/r1</code>' in page
+    assert "<td>a|b &lt;c&gt;</td>" in page and "[r1](" not in page
 
 
 def test_compare_runs_flags_only_drops_beyond_the_seeds_spread():

@@ -125,6 +125,10 @@ def test_scaling_flow_tables_plots_and_retrains_only_an_added_size(harness, root
         assert plot.read_bytes().startswith(b"\x89PNG")
         assert f'alt="{figure}' in html
     assert "Scaling study" in html and "vit_micro_4 · 50 images" in html
+    markdown = (folder / "report.md").read_text()  # SQLite: no MLflow UI to link to, the places as plain text
+    assert f"| MLflow run | {summary.run_id} |" in markdown and f"| artifacts | {folder} |" in markdown
+    assert f"<td>{summary.run_id}</td>" in html and f"<td>{folder}</td>" in html
+    assert "](http" not in markdown and "href=" not in html
 
 
 def test_bit_vs_vit_is_one_run_with_both_models_side_by_side(harness, root):
