@@ -7,8 +7,9 @@ import gc
 import json
 import os
 import sys
+from collections.abc import Callable
 from pathlib import Path
-from typing import TYPE_CHECKING, Annotated
+from typing import TYPE_CHECKING, Annotated, TypeVar
 
 import typer
 
@@ -16,7 +17,11 @@ from flows import prefect_server
 from vit.engine.exit_codes import EXIT_BAD_INPUT, EXIT_FAILED, EXIT_REGRESSION
 
 if TYPE_CHECKING:
+    from flows.scaling_spec import ScalingSpec
+    from flows.specs import BenchmarkSpec
     from tasks.stages import RunSummary
+
+S = TypeVar("S", "BenchmarkSpec", "ScalingSpec")
 
 
 SetOption = Annotated[
@@ -49,16 +54,21 @@ def _validation_message(error: Exception) -> str:
     return "invalid spec:\n" + "\n".join(lines)
 
 
-def _spec(preset: str, overrides: list[str] | None, check_inputs: bool = True):
-    from flows.presets import build_spec
-
+def validated(build: Callable[[], S], check_inputs: bool = True) -> S:
+    """The spec ``build`` makes, with its inputs checked; any validation error exits 2 with one line per field."""
     try:
-        spec = build_spec(preset, overrides or [])
+        spec = build()
         if check_inputs:
             spec.check_inputs()
         return spec
     except ValueError as e:  # pydantic.ValidationError is a ValueError
         raise fail(_validation_message(e), EXIT_BAD_INPUT) from None
+
+
+def _spec(preset: str, overrides: list[str] | None, check_inputs: bool = True):
+    from flows.presets import build_spec
+
+    return validated(lambda: build_spec(preset, overrides or []), check_inputs)
 
 
 def _check_artifact_root(root: str) -> None:
@@ -141,11 +151,24 @@ def run(
         from flows.costs import cost_plan
 
         return print_plan(spec, cost_plan, gpu, mfu)
+
+    def start() -> RunSummary:
+        from flows.benchmark import benchmark
+
+        return benchmark(spec=spec, dispatch=dispatch)
+
+    run_flow("benchmark", preset, spec, start)
+
+
+def run_flow(flow: str, preset: str, spec: BenchmarkSpec, start: Callable[[], RunSummary]) -> None:
+    """Run a preset's flow (``start``, which imports it) locally: the artifact root checked first, Prefect's
+    temporary server booting while the flow's imports load, the preset as a tag of the flow run; then where to
+    look for the results. ``spec`` is the benchmark spec the flow tracks and stores with (a study's base)."""
     _check_artifact_root(spec.resolved_artifact_root())
     server = prefect_server.start_if_needed()  # it boots while the flows are imported
     from prefect import tags
 
-    from flows.benchmark import benchmark, preload_imports
+    from flows.benchmark import preload_imports
     from flows.presets import PRESET_TAG
 
     try:
@@ -153,9 +176,9 @@ def run(
             preload_imports(spec)
             server.wait_until_healthy(float(os.environ.get("PREFECT_SERVER_EPHEMERAL_STARTUP_TIMEOUT_SECONDS", 120)))
         with tags(f"{PRESET_TAG}{preset}"):  # the flow run records the preset its spec came from
-            summary = benchmark(spec=spec, dispatch=dispatch)
+            summary = start()
     except Exception as e:  # the flow's own log has the details; say what failed and exit 1
-        raise fail(f"benchmark {preset!r} failed: {e}", EXIT_FAILED) from None
+        raise fail(f"{flow} {preset!r} failed: {e}", EXIT_FAILED) from None
     finally:
         # The interpreter's shutdown runs full garbage collections over the heap torch, Prefect, MLflow and
         # pandas built (about 2 s on a laptop CPU); frozen objects are skipped by them, and still freed.

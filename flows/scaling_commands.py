@@ -3,23 +3,7 @@
 
 from __future__ import annotations
 
-import os
-
-from flows import prefect_server
-from flows.commands import _check_artifact_root, _validation_message, _where_to_look, fail, print_plan
-from vit.engine.exit_codes import EXIT_BAD_INPUT, EXIT_FAILED
-
-
-def scaling_spec(preset: str, overrides: list[str] | None, check_inputs: bool = True):
-    from flows.scaling_presets import build_scaling_spec
-
-    try:
-        spec = build_scaling_spec(preset, overrides or [])
-        if check_inputs:
-            spec.base.check_inputs()
-        return spec
-    except ValueError as e:  # pydantic.ValidationError is a ValueError
-        raise fail(_validation_message(e), EXIT_BAD_INPUT) from None
+from flows.commands import print_plan, run_flow, validated
 
 
 def cost_plan(spec, gpu: str, mfu: float):
@@ -48,23 +32,15 @@ def cost_plan(spec, gpu: str, mfu: float):
 
 
 def run_scaling(preset: str, overrides: list[str] | None, dry_run: bool, gpu: str, mfu: float) -> None:
-    spec = scaling_spec(preset, overrides, check_inputs=not dry_run)
+    from flows.scaling_presets import build_scaling_spec
+
+    spec = validated(lambda: build_scaling_spec(preset, overrides or []), check_inputs=not dry_run)
     if dry_run:
         return print_plan(spec, cost_plan, gpu, mfu)
-    _check_artifact_root(spec.base.resolved_artifact_root())
-    server = prefect_server.start_if_needed()
-    from prefect import tags
 
-    from flows.benchmark import preload_imports
-    from flows.presets import PRESET_TAG
-    from flows.scaling import scaling
+    def start():
+        from flows.scaling import scaling
 
-    try:
-        if server is not None:
-            preload_imports(spec.base)
-            server.wait_until_healthy(float(os.environ.get("PREFECT_SERVER_EPHEMERAL_STARTUP_TIMEOUT_SECONDS", 120)))
-        with tags(f"{PRESET_TAG}{preset}"):  # the flow run records the preset its study came from
-            summary = scaling(spec=spec)
-    except Exception as e:
-        raise fail(f"scaling {preset!r} failed: {e}", EXIT_FAILED) from None
-    _where_to_look(summary, spec.base.resolved_tracking_uri())
+        return scaling(spec=spec)
+
+    run_flow("scaling", preset, spec.base, start)

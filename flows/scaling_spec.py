@@ -99,6 +99,10 @@ class ScalingSpec(Spec):
                 raise ValueError(f"models.{i} ({name}): {e}") from None
         return self
 
+    def check_inputs(self) -> None:
+        """The base spec's inputs: every arm reads the same datasets."""
+        self.base.check_inputs()
+
     def model_spec(self, name: str) -> BenchmarkSpec:
         """The base spec for one model (validated: its patch size must divide the resolutions, and so on), with
         fine-tuning off unless asked for; every size of the model shares its transfer settings."""

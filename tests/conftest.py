@@ -11,6 +11,12 @@ os.environ.setdefault("AWS_EC2_METADATA_DISABLED", "true")
 
 import pytest  # noqa: E402
 import torch  # noqa: E402
+from prefect.logging.configuration import ensure_logging_setup  # noqa: E402
+
+# Prefect sets up its logging once per process, and its console handler keeps the sys.stderr of that moment. Set
+# up first inside a CliRunner test, it would keep the runner's temporary stream, closed after that test, and every
+# later test logging through Prefect would fail with "I/O operation on closed file".
+ensure_logging_setup()
 
 
 @pytest.fixture(autouse=True)
