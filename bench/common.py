@@ -19,27 +19,61 @@ import torch
 PERFORMANCE_DOC = Path(__file__).resolve().parent.parent / "docs" / "PERFORMANCE.md"
 RESULTS_DIR = Path(__file__).resolve().parent / "results"
 
-# The goals of the performance issue, in the order of the summary table: key, measure, goal, command.
-GPU_COMMAND = "`python bench/engine.py` on a CUDA machine"
+# The goals of the performance issues, in the order of the summary table: key, measure, goal, command.
 GOALS: list[tuple[str, str, str, str]] = [
-    ("train_eager", "training step images/s vs timm, eager (CPU: Ti/16, S/16, B/16 at 224)", "≥ 1.0×", "model"),
-    ("train_compile", "training step images/s vs timm, `torch.compile` (the default mode)", "≥ 1.2×", "model"),
-    ("inference", "inference images/s vs timm and torchvision", "≥ 1.0×", "model"),
-    ("mfu", "model-FLOP utilisation of the training step vs measured GEMM throughput", "≥ 75% for B/16", "model"),
-    ("loader", "shard loader vs torchvision ImageFolder + PIL", "≥ 2×", "data"),
-    ("s3", "S3 streaming vs local reading", "≥ 0.8×", "data"),
-    ("engine", "engine step vs a bare training loop", "≤ 5% overhead", "engine"),
-    ("pipeline", "orchestration + tracking overhead in `vitflow run demo`", "≤ 10% of wall", "pipeline"),
-    ("rerun", "unchanged re-run of the demo", "≤ 20 s", "pipeline"),
+    (
+        "train_eager",
+        "training step images/s vs timm, eager (CPU: Ti/16, S/16, B/16 at 224)",
+        "≥ 1.0×",
+        "python bench/model.py",
+    ),
+    (
+        "train_compile",
+        "training step images/s vs timm, `torch.compile` (the default mode)",
+        "≥ 1.2×",
+        "python bench/model.py",
+    ),
+    ("inference", "inference images/s vs timm and torchvision", "≥ 1.0×", "python bench/model.py"),
+    (
+        "mfu",
+        "model-FLOP utilisation of the training step vs measured GEMM throughput",
+        "≥ 75% for B/16",
+        "python bench/model.py",
+    ),
+    ("loader", "shard loader vs torchvision ImageFolder + PIL", "≥ 2×", "python bench/data.py"),
+    ("s3", "S3 streaming vs local reading", "≥ 0.8×", "python bench/data.py"),
+    ("engine", "engine step vs a bare training loop", "≤ 5% overhead", "python bench/engine.py"),
+    (
+        "pipeline",
+        "orchestration + tracking overhead in `vitflow run demo`",
+        "≤ 10% of wall",
+        "python bench/pipeline.py",
+    ),
+    ("rerun", "unchanged re-run of the demo", "≤ 20 s", "python bench/pipeline.py"),
     (
         "pipeline-simulated",
         "benchmark flow makespan vs its critical path, simulated stage durations",
         "≤ 1.1×",
-        "pipeline-simulated",
+        "python bench/pipeline.py --simulate",
     ),
-    ("fewshot", "few-shot feature extraction; ridge solve, 1,000 classes × 25 shots", "solve ≤ 2 s", "fewshot"),
-    ("memory", "peak training memory per model size, with and without gradient checkpointing", "reported", "memory"),
-    ("gpu", "GPU: ViT-B/16 and L/16 bf16 + compile training at 224 and 384", "≥ 45% MFU for B/16 on H100", "gpu"),
+    (
+        "fewshot",
+        "few-shot feature extraction; ridge solve, 1,000 classes × 25 shots",
+        "solve ≤ 2 s",
+        "python bench/fewshot.py",
+    ),
+    (
+        "memory",
+        "peak training memory per model size, with and without gradient checkpointing",
+        "reported",
+        "python bench/memory.py",
+    ),
+    (
+        "gpu",
+        "GPU: ViT-B/16 and L/16 training at 224, bf16 eager and `torch.compile`",
+        "≥ 45% MFU for B/16 on H100/H200",
+        "python bench/gpu_check.py (one CUDA GPU)",
+    ),
 ]
 
 
@@ -144,14 +178,13 @@ def summary_section() -> str:
         for key, entry in record["goals"].items():
             figures[key] = (entry, record["date"])
     rows = []
-    for key, measure, goal, bench in GOALS:
+    for key, measure, goal, command in GOALS:
         entry, date = figures.get(key, ({"figure": "not measured yet", "met": None, "note": ""}, ""))
         status = {True: "met", False: "**not met**", None: "reported"}[entry["met"]]
         if entry["figure"].startswith("not measured"):
             status = "not measured"
         note = f" ({entry['note']})" if entry.get("note") else ""
-        command = GPU_COMMAND if bench == "gpu" else f"`python bench/{bench}.py`"
-        rows.append([measure, goal, entry["figure"], status + note, command, date])
+        rows.append([measure, goal, entry["figure"], status + note, f"`{command}`", date])
     table = markdown_table(["measure", "goal", "measured (medians)", "status", "command", "measured on"], rows)
     return (
         "## Summary\n\nEvery figure below comes from `make bench` (= `python bench/run_all.py`), which runs each "

@@ -24,7 +24,7 @@ import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 
-from bench.common import machine_line, markdown_table, median, update_section  # noqa: E402
+from bench.common import machine_line, markdown_table, median, save_results, update_section, write_summary  # noqa: E402
 from bench.engine import data, engine_loop, images_per_second, loss_fn  # noqa: E402
 from vit.engine import OptimConfig, TrainConfig  # noqa: E402
 from vit.engine.trainer import peak_flops  # noqa: E402
@@ -198,6 +198,19 @@ def main() -> None:
     if args.smoke or args.no_write:
         return
     update_section("gpu-check", body)
+    save_results("gpu", {"gpu": b16_goal(rows, name)}, {"rows": rows, **extras})
+    write_summary()
+
+
+def b16_goal(rows: list[list[object]], device_name: str) -> dict[str, object]:
+    """The summary row of the GPU goal: B/16's best MFU of its eager and compiled runs, against the goal."""
+    b16 = [float(str(row[4]).rstrip("%")) for row in rows if str(row[0]).startswith("vit_b_16")]
+    best = max(b16, default=float("nan"))
+    return {
+        "figure": f"B/16 {best:.1f}% MFU (best of eager, compile)",
+        "met": best >= 100 * GOAL_MFU,
+        "note": device_name,
+    }
 
 
 if __name__ == "__main__":

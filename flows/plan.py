@@ -36,13 +36,13 @@ FEWSHOT_SPLITS = {"imagenet": ("train", "val"), "vtab": ("train800val200", "test
 PRETRAINED, SCRATCH = "pretrained", "scratch"
 
 
-def launch(spec: BenchmarkSpec) -> Launch:
+def launch(spec: BenchmarkSpec, pretrain: bool = False) -> Launch:
     c = spec.compute
     return Launch(
         nproc_per_node=c.nproc_per_node,
         nnodes=c.nnodes,
         rdzv_endpoint=c.rdzv_endpoint,
-        threads=c.threads_per_job,
+        threads=(c.pretrain_threads or c.threads_per_job) if pretrain else c.threads_per_job,
         gpu_slots_limit=c.gpu_slots_limit,
         prefork=c.prefork,
     )
@@ -163,7 +163,7 @@ def pretrain_stage(spec: BenchmarkSpec, dataset: DatasetRef, tracking: TrackingC
         title=f"pretrain {spec.model.name} on {dataset.name}" + (f" ({subset:,} images)" if subset else ""),
         uri=stage_uri(spec.resolved_artifact_root(), "pretrain", name, key),
         config=config,
-        launch=launch(spec),
+        launch=launch(spec, pretrain=True),
         tracking=tracking,
         datasets=[dataset],
         registration=Registration(

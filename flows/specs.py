@@ -262,6 +262,12 @@ class ComputeSpec(Spec):
     threads_per_job: int | None = Field(
         None, ge=1, description="CPU threads per training process (None: torch's default)"
     )
+    pretrain_threads: int | None = Field(
+        None,
+        ge=1,
+        description="CPU threads of the pre-training process, which the benchmark flow runs before any fine-tune "
+        "(None: threads_per_job)",
+    )
     prefork: bool = Field(
         True,
         description="fork each single-process training stage from a server that has imported torch and the engine "

@@ -373,6 +373,11 @@ def test_fashion_mnist_held_out_classes_in_vtab1k_splits(tmp_path):
         assert labels[int(key.split("-")[1])] == row["label"] + 5  # relabelled in order, from the real labels
     again = prepare(f"fashion-mnist:{FASHION_MNIST}", tmp_path, keep_classes="5-9", vtab1k=True, max_test=500)
     assert again.uri == ds.uri  # seeded: the same splits, found by fingerprint
+    small = prepare(
+        f"fashion-mnist:{FASHION_MNIST}", tmp_path, keep_classes="5-9", vtab1k=True, max_train800=80, max_val200=20
+    )  # the demo's 100-label task: the first 80 + 20 of the same draws, the union cut with them
+    assert (small.count("train800"), small.count("val200"), small.count("train800val200")) == (80, 20, 100)
+    assert set(small.manifest("train800val200")["key"]) <= train | set(ds.manifest("val200")["key"])
     other = prepare(f"fashion-mnist:{FASHION_MNIST}", tmp_path, keep_classes="0-4", max_train=100, max_test=10)
     assert other.classes[0] == "T-shirt/top" and set(other.manifest("train")["label"]) <= set(range(5))
 

@@ -54,8 +54,9 @@ def free_port() -> int:
 
 
 def test_the_demo_runs_on_real_images_and_says_what_it_runs_without_them(monkeypatch, tmp_path, caplog):
-    """The default machine (Debian's Fashion-MNIST installed): upstream classes 0-4, held-out classes 5-9 and the
-    digits VTAB-1k style. Without the package: a warning naming it, then the synthetic upstream set and digits."""
+    """The default machine (Debian's Fashion-MNIST installed): upstream classes 0-4, held-out classes 5-9 VTAB-1k
+    style and on 100 labels, pre-trained on both cores. Without the package: a warning naming it, then the
+    synthetic upstream set and digits."""
     import flows.presets as presets
 
     installed = presets.fashion_mnist_installed()
@@ -64,19 +65,25 @@ def test_the_demo_runs_on_real_images_and_says_what_it_runs_without_them(monkeyp
         spec = presets.build_spec("demo")
     assert f"Fashion-MNIST is not installed in {tmp_path / 'absent'}" in caplog.text
     assert spec.pretrain.dataset.source == "synthetic-upstream:"
-    assert [(b.name, b.finetune) for b in spec.transfer.benchmarks] == [("digits", True)]
+    assert [(b.name, b.finetune, b.fewshot) for b in spec.transfer.benchmarks] == [("digits", True, True)]
     spec.check_inputs()  # nothing it reads is missing
     if installed:
-        from flows import plan  # imports Prefect, whose logging set-up replaces caplog's handler: after it
+        from flows import plan
 
         spec = presets.build_spec("demo")
         assert spec.pretrain.dataset.options == {"keep_classes": "0-4"}
         data = plan.pretrain_config(spec, "file:///upstream")[0].data
         assert (data.train_transform, data.eval_split) == ("eval", "test")  # whole images; top-1 on the test split
-        assert [(b.name, b.dataset.options, b.finetune) for b in spec.transfer.benchmarks] == [
-            ("fashion-mnist-5-9", {"vtab1k": True, "keep_classes": "5-9"}, True),
-            ("digits", {"vtab1k": True}, False),
+        assert [(b.name, b.dataset.options, b.finetune, b.fewshot) for b in spec.transfer.benchmarks] == [
+            ("fashion-mnist-5-9", {"vtab1k": True, "keep_classes": "5-9"}, True, True),
+            (
+                "fashion-mnist-5-9-100",
+                {"vtab1k": True, "keep_classes": "5-9", "max_train800": 80, "max_val200": 20},
+                True,
+                False,
+            ),
         ]
+        assert (plan.launch(spec, pretrain=True).threads, plan.launch(spec).threads) == (2, 1)
 
 
 @pytest.fixture(scope="module")
