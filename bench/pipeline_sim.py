@@ -18,6 +18,7 @@ from __future__ import annotations
 import os
 import tempfile
 import time
+from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
@@ -55,8 +56,9 @@ def stage_count() -> int:
     return 1 + len(BENCHMARKS) + 1 + len(BENCHMARKS) * 2 * 4 + 1
 
 
-def _patch() -> None:
-    """Replace the stages' work by sleeps; everything around it (Prefect, MLflow, storage, caching) stays real."""
+def _patch(assign: Callable[[object, str, object], None]) -> None:
+    """Replace the stages' work by sleeps; everything around it (Prefect, MLflow, storage, caching) stays real.
+    ``assign(module, name, value)`` does each replacement (``setattr``, or a test's ``monkeypatch.setattr``)."""
     import tasks.aggregate
     import tasks.fewshot
     import tasks.prepare
@@ -93,14 +95,14 @@ def _patch() -> None:
         time.sleep(AGGREGATE)
         storage.write_text(storage.join(target, "report.md"), "# simulated\n")  # what the flow run's page shows
 
-    vit.data.prepare_dataset = prepare_dataset
-    tasks.prepare.dataset_ref = dataset_ref
-    tasks.train._run_stage = run_stage
-    tasks.fewshot._evaluate = evaluate
-    tasks.aggregate._publish = publish
+    assign(vit.data, "prepare_dataset", prepare_dataset)
+    assign(tasks.prepare, "dataset_ref", dataset_ref)
+    assign(tasks.train, "_run_stage", run_stage)
+    assign(tasks.fewshot, "_evaluate", evaluate)
+    assign(tasks.aggregate, "_publish", publish)
 
 
-def simulate(home: Path) -> dict[str, float]:
+def simulate(home: Path, assign: Callable[[object, str, object], None] = setattr) -> dict[str, float]:
     """One simulated benchmark flow run in ``home``: its makespan, the critical path, the overhead per stage."""
     os.environ.update(VITFLOW_HOME=str(home), PREFECT_SERVER_ANALYTICS_ENABLED="false")
     from prefect.testing.utilities import prefect_test_harness
@@ -109,7 +111,7 @@ def simulate(home: Path) -> dict[str, float]:
     from flows.presets import build_spec, synthetic_suite
     from flows.specs import DatasetSpec
 
-    _patch()
+    _patch(assign)
     spec = build_spec("demo", [*SETS, f"artifact_root={home / 'artifacts'}", f"tracking_uri=sqlite:///{home}/ml.db"])
     # The demo's recipe on datasets named as above, whatever data the demo reads on this machine.
     upstream = DatasetSpec(name="synthetic-upstream", source="synthetic-upstream:")
