@@ -436,6 +436,22 @@ def test_training_steps_read_nothing_back_to_the_host_except_on_log_steps(monkey
     assert syncs and {step for step, _ in syncs} <= {5, 10, 12}, syncs
 
 
+def test_gpu_check_judges_the_goal_on_b16s_best_mode():
+    import sys
+
+    sys.path.insert(0, os.getcwd())
+    from bench.gpu_check import b16_goal
+
+    rows = [
+        ["vit_b_16 @224", "eager", 256, 2000.0, "31.5%", "20.1"],
+        ["vit_b_16 @224", "compile", 256, 2900.0, "46.2%", "18.0"],
+        ["vit_l_16 @224", "compile", 96, 900.0, "60.0%", "40.0"],  # another model: not the goal's
+    ]
+    goal = b16_goal(rows, "NVIDIA H200")
+    assert (goal["met"], goal["note"]) == (True, "NVIDIA H200") and "46.2%" in goal["figure"]
+    assert b16_goal(rows[:1], "NVIDIA H200")["met"] is False
+
+
 def test_gpu_check_smoke_runs_every_part_on_the_cpu():
     import subprocess
     import sys
