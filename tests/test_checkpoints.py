@@ -167,6 +167,34 @@ def test_official_npz_loads_and_matches_timm(tmp_path):
     assert (timm_ref(x) - ours(x)).abs().max().item() < 1e-4
 
 
+def test_an_npz_is_read_once_and_a_safetensors_file_through_a_memory_map(tmp_path, monkeypatch):
+    """Loading reads an official ``.npz`` once (state dict and head count from the same arrays), and a
+    safetensors file by memory-mapping it in safetensors' own reader, never through Python's file reads."""
+    import builtins
+    from pathlib import Path
+
+    npz = write_npz(tmp_path / "ViT-Ti_16.npz", official_arrays_from_timm(timm_tiny(), heads=3))
+    loads = []
+    real_load = np.load
+    monkeypatch.setattr(np, "load", lambda file, *a, **k: loads.append(str(file)) or real_load(file, *a, **k))
+    vit.load_pretrained(npz)
+    assert loads == [str(npz)]
+
+    model = randomize_(create_model("vit_micro_4", image_size=32, num_classes=3))
+    path = tmp_path / "model.safetensors"
+    save_checkpoint(path, model, {"step": 1})
+    real_open, real_read_bytes = builtins.open, Path.read_bytes
+
+    def refuse_reads(file, *args, **kwargs):
+        assert Path(str(file)).name != path.name, "the safetensors file was opened by Python"
+        return real_open(file, *args, **kwargs)
+
+    monkeypatch.setattr(builtins, "open", refuse_reads)
+    monkeypatch.setattr(Path, "read_bytes", lambda self: refuse_reads(self) and real_read_bytes(self))
+    sd, meta = load_checkpoint(path)
+    assert meta["step"] == 1 and torch.equal(sd["head.weight"], model.state_dict()["head.weight"])
+
+
 def test_original_i21k_file_with_pre_logits_and_zeroed_head(tmp_path):
     ref = timm_tiny(num_classes=21843)
     torch.nn.init.zeros_(ref.head.weight)

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import dataclasses
 import math
 import os
 import signal
@@ -241,6 +242,20 @@ def test_non_finite_loss_stops_naming_the_step_and_keeps_the_checkpoint(tmp_path
     assert restored.step == 4 and all(torch.isfinite(t).all() for t in restored.tensors["model"].values())
 
 
+def test_a_non_finite_loss_between_log_steps_is_acted_on_at_the_next_one(tmp_path):
+    """Without a host sync per step, a NaN at step 6 is seen at the next sync point (step 8: log and checkpoint);
+    the step-8 weights are not saved, the step-4 checkpoint stays the last good one."""
+    ckpt = CheckpointConfig(dir=str(tmp_path / "ckpt"), every_steps=4, every_minutes=None)
+    images, labels = toy_data()
+    torch.manual_seed(0)
+    data = PoisonedAfter(images, labels, 8, clean=5)
+    cfg = dataclasses.replace(config(checkpoint=ckpt), log_every=4)
+    trainer = Trainer(tiny_model(), cfg, data, 50, CPU, softmax_loss)
+    with pytest.raises(NonFiniteLossError, match=r"at step 6; the last good checkpoint \(step 4\) .*found at step 8"):
+        trainer.fit()
+    assert CheckpointManager(ckpt.dir).latest_step() == 4
+
+
 def test_sigterm_checkpoints_and_stops(tmp_path):
     ckpt = CheckpointConfig(dir=str(tmp_path / "ckpt"), every_steps=None, every_minutes=None)
 
@@ -375,6 +390,8 @@ def test_sigterm_to_one_ddp_rank_stops_all_ranks_together_after_one_checkpoint(t
     # rank 1 is signalled during step 3; the ranks agree at the next log step (4), save once and stop
     assert all("stopped by a signal at step 4" in o for o in outcomes), outcomes
     assert sorted(p.name for p in (tmp_path / "ckpt").iterdir() if p.name.startswith("step-")) == ["step-00000004"]
+    shards = sorted(p.name for p in (tmp_path / "ckpt" / "step-00000004").glob("*.distcp"))
+    assert shards == ["__0_0.distcp", "__1_0.distcp"]  # torch.distributed.checkpoint: each rank wrote its part
     assert CheckpointManager(ckpt).load_latest().step == 4
 
 
