@@ -453,6 +453,25 @@ def test_training_steps_read_nothing_back_to_the_host_except_on_log_steps(monkey
     assert syncs and {step for step, _ in syncs} <= {5, 10, 12}, syncs
 
 
+def test_the_cuda_basics_are_chosen_for_cuda_and_left_off_on_the_cpu():
+    """Page-locked loader batches and TF32 matmuls on CUDA; CPU runs keep torch's defaults (exact numbers). Their
+    speed is measured by bench/gpu_check.py on a GPU."""
+    from vit.engine.distributed import configure_cuda
+    from vit.engine.optim import _fused_adamw
+    from vit.engine.run import _pinned
+
+    cuda = DistInfo(rank=0, world_size=1, local_rank=0, device=torch.device("cuda", 0))
+    assert _pinned(cuda) and not _pinned(CPU)
+    assert _fused_adamw([{"params": [torch.nn.Parameter(torch.zeros(2))]}]) is None  # foreach, as before
+    precision, cudnn_tf32 = torch.get_float32_matmul_precision(), torch.backends.cudnn.allow_tf32
+    try:
+        configure_cuda()
+        assert torch.get_float32_matmul_precision() == "high" and torch.backends.cudnn.allow_tf32
+    finally:
+        torch.set_float32_matmul_precision(precision)
+        torch.backends.cudnn.allow_tf32 = cudnn_tf32
+
+
 def test_gpu_check_judges_the_goal_on_b16s_best_mode():
     import sys
 
