@@ -48,8 +48,15 @@ def _cpu_base(experiment: str) -> BenchmarkSpec:
             "warmup_steps": 20,
         }
     )
+    compute = spec.compute.model_copy(update={"pretrain_threads": None})  # its arms pre-train two at a time
     return spec.model_copy(
-        update={"experiment": experiment, "transfer": transfer, "pretrain": pretrain, "analysis": spec.analysis}
+        update={
+            "experiment": experiment,
+            "transfer": transfer,
+            "pretrain": pretrain,
+            "analysis": spec.analysis,
+            "compute": compute,
+        }
     )
 
 

@@ -190,3 +190,14 @@ def test_sizes_become_nested_subsets_of_the_prepared_split_or_are_refused():
     assert subsets(spec, upstream) == [100, None]  # the whole split's size is the whole split, trained once
     with pytest.raises(ValueError, match="more than the 500 training images of up"):
         subsets(spec, upstream.model_copy(update={"splits": {"train": 500}}))
+
+
+def test_the_cpu_study_pre_trains_two_arms_at_once_on_one_thread_each():
+    """The demo pre-trains alone on both cores; the study's arms pre-train ``max_parallel`` at a time, so each keeps
+    one thread (two arms on two threads each would oversubscribe a 2-core machine)."""
+    from flows import plan
+    from flows.scaling_presets import build_scaling_spec
+
+    for preset in ("scaling", "bit-vs-vit"):
+        base = build_scaling_spec(preset).base
+        assert (base.compute.max_parallel, plan.launch(base, pretrain=True).threads) == (2, 1)
