@@ -264,6 +264,18 @@ def test_with_paper_numbers_needs_model_and_pretraining_to_match():
     assert vit_l16.loc[0, "paper"] == 87.12  # the 14-epoch row, not the 7-epoch 86.30
 
 
+def test_a_benchmark_the_paper_does_not_report_keeps_its_own_name_in_the_tables():
+    df = R.results_frame(
+        [
+            _record(model="vit_micro_4", pretrain="synthetic", benchmark="fashion-mnist-5-9", value=87.2),
+            _record(model="vit_micro_4", pretrain="synthetic", benchmark="Flowers102", value=90.0),
+            _record(model="vit_micro_4", pretrain="synthetic", benchmark="fashion-mnist-5-9", shots=10, value=64.1),
+        ]
+    )
+    assert R.paper_table(df).index.tolist() == ["Oxford Flowers-102", "fashion-mnist-5-9"]
+    assert R.fewshot_table(df).index.get_level_values("dataset").tolist() == ["fashion-mnist-5-9"]
+
+
 def test_paper_table_formats_mean_std_paper_and_delta():
     df = R.results_frame(
         [
