@@ -61,32 +61,28 @@ def fashion_mnist_installed() -> bool:
     return (FASHION_MNIST_DIR / "train-images-idx3-ubyte.gz").exists()
 
 
-def _vtab1k_item(
-    name: str, source: str, labels: int = 1000, fewshot: bool = True, **options: str | int | bool
-) -> BenchmarkItem:
-    """A low-data downstream task in VTAB-1k's protocol: 800 train + 200 val drawn from train, the official test;
-    with fewer ``labels``, the first 80% / 20% of them (a smaller task of the same images)."""
-    if labels < 1000:
-        options = {**options, "max_train800": labels * 4 // 5, "max_val200": labels // 5}
-    suffix = "1k" if labels == 1000 else str(labels)
-    dataset = DatasetSpec(name=f"{name}-{suffix}", source=source, options={"vtab1k": True, **options})
-    bench = name if labels == 1000 else f"{name}-{labels}"
-    return BenchmarkItem(name=bench, dataset=dataset, protocol="vtab", fewshot=fewshot)
+def _vtab1k_item(name: str, source: str, **options: str | int | bool) -> BenchmarkItem:
+    """A low-data downstream task in VTAB-1k's protocol: 800 train + 200 val drawn from train, the official test."""
+    dataset = DatasetSpec(name=f"{name}-1k", source=source, options={"vtab1k": True, **options})
+    return BenchmarkItem(name=name, dataset=dataset, protocol="vtab")
+
+
+# Fashion-MNIST's classes split in two, each half holding tops and footwear: the upstream set T-shirt, Trouser,
+# Dress, Sandal, Sneaker; the held-out task Pullover, Coat, Shirt, Bag, Ankle boot. Measured against classes 0-4 /
+# 5-9 (tops vs footwear), README "Demo": the held-out task's pre-trained vs scratch margin grows from +3.9 to +7.2
+# points fine-tuned, and the ViT comes within 2.6 points of logistic regression on the same labels (was 4.4).
+UPSTREAM_CLASSES, HELD_OUT_CLASSES = "0,1,3,5,7", "2,4,6,8,9"
 
 
 def _demo_data() -> tuple[DatasetSpec, list[BenchmarkItem]]:
-    """Real images when Debian's ``dataset-fashion-mnist`` is installed: pre-train on Fashion-MNIST's classes 0-4
-    (T-shirt .. Coat, 30,000 images), transfer to its held-out classes 5-9 (Sandal .. Ankle boot) VTAB-1k style,
-    fine-tuned and few-shot, and fine-tuned on 100 of those labels (where training from scratch falls furthest
-    behind). Without it: the synthetic upstream set, then scikit-learn's digits. Digits are not transferred to from
-    Fashion-MNIST: fine-tuned on 1,000 labels the random model ties (96.1% vs 96.2%), and on 100 too (76.3% vs
-    76.4%); measured, README "Demo"."""
+    """Real images when Debian's ``dataset-fashion-mnist`` is installed: pre-train on half of Fashion-MNIST's
+    classes (30,000 images), transfer to the held-out half VTAB-1k style, fine-tuned and few-shot. Without it: the
+    synthetic upstream set, then scikit-learn's digits. Digits are not transferred to from Fashion-MNIST:
+    fine-tuned on 1,000 labels the random model ties (96.1% vs 96.2%), and on 100 too (76.3% vs 76.4%)."""
     if fashion_mnist_installed():
         source = f"fashion-mnist:{FASHION_MNIST_DIR}"
-        upstream = DatasetSpec(name="fashion-mnist-0-4", source=source, options={"keep_classes": "0-4"})
-        held_out = _vtab1k_item("fashion-mnist-5-9", source, keep_classes="5-9")
-        few_labels = _vtab1k_item("fashion-mnist-5-9", source, labels=100, fewshot=False, keep_classes="5-9")
-        return upstream, [held_out, few_labels]
+        upstream = DatasetSpec(name="fashion-mnist-upstream", source=source, options={"keep_classes": UPSTREAM_CLASSES})
+        return upstream, [_vtab1k_item("fashion-mnist-held-out", source, keep_classes=HELD_OUT_CLASSES)]
     logging.getLogger(__name__).warning(
         "demo: Fashion-MNIST is not installed in %s (Debian package dataset-fashion-mnist); pre-training on the "
         "synthetic upstream set instead and transferring to scikit-learn's digits",
@@ -101,10 +97,12 @@ def demo() -> BenchmarkSpec:
     """Offline CPU demo (≤ 10 minutes on 2 cores) of the paper's claim on real images: a micro ViT pre-trained on
     an upstream set (its held-out top-1 measured) transfers better than the same model trained from scratch,
     fine-tuned (3 seeds) and few-shot (5 seeds), to low-data tasks of held-out classes (see ``_demo_data``).
-    Choices measured on Fashion-MNIST: no crops in pre-training (87.6% upstream top-1 in 600 steps, 73.1% with
-    the paper's crops of 5-100% of 28 px), 1,500 steps on both cores (90.1% upstream; fine-tuned on 1,000 labels
-    88.1% vs 85.8% after 600 steps, 87.8% after 3,000), fine-tuning lr 0.1 (the best of 0.01-0.3), ridge l2 16
-    (near the best of 16-1024 for both models; big_vision's 1024 is for features 12-20x wider than these 64)."""
+    Choices measured on Fashion-MNIST (classes 0-4 upstream, 5-9 held out): no crops in pre-training (87.6%
+    upstream top-1 in 600 steps, 73.1% with the paper's crops of 5-100% of 28 px), 1,500 steps on both cores
+    (90.1% upstream; fine-tuned on 1,000 labels 88.1% vs 85.8% after 600 steps, 87.8% after 3,000), fine-tuning lr
+    0.1 (the best of 0.01-0.3; on the demo's split lr 0.03 / 0.3, 600 steps and label smoothing 0.1 give 78.1 /
+    76.5 / 77.7 / 78.1% against its 77.9%, one seed), ridge l2 16 (near the best of 16-1024 for both models;
+    big_vision's 1024 is for features 12-20x wider than these 64)."""
     upstream, benchmarks = _demo_data()
     return BenchmarkSpec(
         experiment="demo",
