@@ -272,7 +272,7 @@ def demo_table(first: dict[str, Any], demo: dict[str, Any]) -> str:
     return (
         f"Wall {first['wall']:.0f} s, CPU (the machine's busy time during the run) {first['cpu']:.0f} s. Upstream "
         f"held-out top-1 of the pre-trained model: {upstream}.\n\n{table}\n\nSupervised reference on the same "
-        f"labelled images (raw pixels, scikit-learn): {refs}."
+        f"labelled images (raw pixels: scikit-learn's models, a small CNN): {refs}."
     )
 
 
