@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import argparse
 import datetime
+import functools
 import json
 import os
 import platform
@@ -97,6 +98,7 @@ def machine_line() -> str:
     )
 
 
+@functools.cache  # one figure per process: the record and the table beside it name the same machine
 def cpu_matmul_gflops(n: int = 1024, repeats: int = 10) -> float:
     """The CPU's float32 1024 x 1024 matrix-product throughput on torch's threads, so that tables measured on
     machines of one description can be compared: two 2-CPU "AMD EPYC" machines trained the demo 4x apart."""
